@@ -1,0 +1,142 @@
+"""One error hierarchy for all of Tessera, with stable codes.
+
+Every error carries a ``code`` (stable, safe to send to a peer or show in a dialog) and a
+message that says what to do next. Messages never hold patient data, keys or stack traces.
+
+Tree::
+
+    TesseraError
+    ├── ProtocolError                     protocol.*
+    │   ├── LocalProtocolError            we broke the rules (a bug on our side)
+    │   └── RemoteProtocolError           the peer did: malformed, unknown type, bad version,
+    │       │                             oversized, schema violation, unexpected in this state
+    │       └── TransferError             chunked transfer: bad index, hash mismatch, size
+    ├── CryptoError                       crypto.*
+    │   ├── SignatureError                a signature does not verify
+    │   └── KeyFileError                  a key or certificate file is missing or unreadable
+    ├── IdentityError                     identity.*
+    │   ├── InvitationError               invitation code malformed, unknown, used or expired
+    │   └── AuthenticationError           unknown site, failed challenge
+    ├── PlanError                         plan.*   (invalid plan, unknown architecture)
+    ├── UpdateError                       update.* (wrong keys, shapes, dtypes, NaN/Inf, size)
+    ├── DataError                         data.*   (unreadable DICOM, bad labels CSV, empty set)
+    ├── StorageError                      storage.* (database or blob store)
+    ├── TrainingError                     training.*
+    │   └── TrainingCancelled
+    └── ConnectionFailed                  net.*    (unreachable coordinator, TLS pin mismatch)
+
+``TesseraWarning`` is our warning category; tests turn it into an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TesseraWarning(UserWarning):
+    """Warnings Tessera raises itself (data-quality problems that were handled)."""
+
+
+class TesseraError(Exception):
+    """Root of all Tessera errors. ``code`` is stable; ``fields`` hold structured context."""
+
+    code: str = "tessera.error"
+
+    def __init__(self, message: str, *, code: str | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+# --- protocol -------------------------------------------------------------------------
+
+
+class ProtocolError(TesseraError):
+    code = "protocol.error"
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol does not allow (a bug on our side)."""
+
+    code = "protocol.local"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid. Reply with an ``error`` message and drop it."""
+
+    code = "protocol.malformed"
+
+
+class TransferError(RemoteProtocolError):
+    code = "protocol.transfer"
+
+
+# --- crypto ---------------------------------------------------------------------------
+
+
+class CryptoError(TesseraError):
+    code = "crypto.error"
+
+
+class SignatureError(CryptoError):
+    code = "crypto.bad_signature"
+
+
+class KeyFileError(CryptoError):
+    code = "crypto.key_file"
+
+
+# --- identity -------------------------------------------------------------------------
+
+
+class IdentityError(TesseraError):
+    code = "identity.error"
+
+
+class InvitationError(IdentityError):
+    code = "identity.invitation"
+
+
+class AuthenticationError(IdentityError):
+    code = "identity.authentication"
+
+
+# --- plans, updates, data -------------------------------------------------------------
+
+
+class PlanError(TesseraError):
+    code = "plan.invalid"
+
+
+class UpdateError(TesseraError):
+    """A model update that must not be used: wrong keys, shapes, dtypes, NaN/Inf, size."""
+
+    code = "update.invalid"
+
+
+class DataError(TesseraError):
+    code = "data.invalid"
+
+
+class StorageError(TesseraError):
+    code = "storage.error"
+
+
+class TrainingError(TesseraError):
+    code = "training.failed"
+
+
+class TrainingCancelled(TrainingError):
+    code = "training.cancelled"
+
+
+class ConnectionFailed(TesseraError):
+    code = "net.unreachable"
