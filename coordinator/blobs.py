@@ -1,0 +1,77 @@
+"""Content-addressed blob files (models, updates), durable before they are acknowledged.
+
+A blob is written to a temporary file in the same directory, fsynced, renamed into place
+and the directory fsynced, so a crash leaves either the whole blob or none of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from shared.errors import StorageError
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.partial = root / "partial"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.partial.mkdir(exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def get(self, digest: str) -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except OSError as exc:
+            raise StorageError(
+                f"blob {digest[:12]} is missing: {exc}", code="storage.blob"
+            ) from exc
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StorageError(f"blob {digest[:12]} is corrupted on disk", code="storage.blob")
+        return data
+
+    def put(self, data: bytes | memoryview) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        if not self.has(digest):
+            tmp = self.partial / f"{digest}.tmp"
+            _write_durably(tmp, data)
+            self.adopt(tmp, digest)
+        return digest
+
+    def adopt(self, path: Path, digest: str) -> None:
+        """Move a fully written, fsynced file of known digest into the store."""
+        target = self.path(digest)
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(path, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot store blob: {exc}", code="storage.write") from exc
+
+    def partial_path(self, name: str) -> Path:
+        return self.partial / name
+
+
+def _write_durably(path: Path, data: bytes | memoryview) -> None:
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise StorageError(f"cannot write {path.name}: {exc}", code="storage.write") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,156 @@
+"""``tessera-coordinator``: the operator's command line (headless; config in the data dir)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from coordinator.config import CoordinatorConfig
+from coordinator.federation import Federation
+from shared.errors import TesseraError
+from shared.plan import load_plan
+
+DEFAULT_DIR = Path("tessera-coordinator-data")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tessera-coordinator",
+        description="Run a Tessera federation: invite sites, register plans, run training.",
+    )
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DIR, help="federation data directory")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create a federation: keys, TLS certificate, database")
+    init.add_argument("--federation", required=True, help="the federation's name")
+    init.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    init.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free)")
+    init.add_argument("--public-url", default="", help="wss:// address sites should use")
+    init.add_argument(
+        "--insecure-loopback",
+        action="store_true",
+        help="plain ws:// without TLS; only allowed on a loopback address, for development",
+    )
+
+    invite = sub.add_parser("invite", help="print a one-time invitation code for a site")
+    invite.add_argument("site_name")
+    invite.add_argument("--valid-hours", type=float, default=None)
+
+    plan = sub.add_parser("plan", help="training plans")
+    plan_sub = plan.add_subparsers(dest="plan_command", required=True)
+    plan_add = plan_sub.add_parser("add", help="validate, sign and register a plan (JSON)")
+    plan_add.add_argument("path", type=Path)
+    plan_sub.add_parser("list", help="list registered plans")
+
+    run = sub.add_parser("run", help="training runs")
+    run_sub = run.add_subparsers(dest="run_command", required=True)
+    run_start = run_sub.add_parser("start", help="start a run of a registered plan")
+    run_start.add_argument("plan_hash", help="plan hash (a unique prefix is enough)")
+
+    status = sub.add_parser("status", help="federation, sites, runs and rounds")
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("serve", help="serve the federation (websockets over TLS)")
+
+    demo = sub.add_parser("demo", help="the end-to-end federated demo on this machine")
+    demo.add_argument("--sites", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+    demo.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except TesseraError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from coordinator.demo import run_demo
+
+        return run_demo(sites=args.sites, rounds=args.rounds, out=args.out, seed=args.seed)
+    if args.command == "init":
+        fed = Federation.init(
+            args.data_dir,
+            CoordinatorConfig(
+                federation=args.federation,
+                host=args.host,
+                port=args.port,
+                public_url=args.public_url,
+                insecure_loopback=args.insecure_loopback,
+            ),
+        )
+        print(f"federation {args.federation!r} created in {args.data_dir}")
+        print(f"certificate fingerprint (SHA-256): {fed.fingerprint()}")
+        return 0
+    fed = Federation.open(args.data_dir)
+    try:
+        if args.command == "invite":
+            print(fed.invite(args.site_name, hours=args.valid_hours))
+        elif args.command == "plan" and args.plan_command == "add":
+            print(fed.add_plan(load_plan(args.path)))
+        elif args.command == "plan":
+            for p in fed.store.plans():
+                print(f"{p['plan_hash']}  {p['name']}")
+        elif args.command == "run":
+            run = fed.start_run(args.plan_hash)
+            print(run.run_id)
+        elif args.command == "status":
+            _print_status(fed.status(), as_json=args.json)
+        elif args.command == "serve":
+            return _serve(fed)
+    finally:
+        fed.close()
+    return 0
+
+
+def _print_status(status: dict, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    print(f"federation {status['federation']} at {status['address']}")
+    print(f"  certificate {status['fingerprint']}")
+    print(f"  sites: {len(status['sites'])}")
+    for s in status["sites"]:
+        print(f"    {s['site_id']}  {s['name']}")
+    for run in status["runs"]:
+        print(f"  run {run['run_id']}: {run['status']}, round {run['current_round']}")
+        for r in run["rounds"]:
+            loss = "-" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
+            print(f"    round {r['round']}: {r['status']}, {r['updates']} updates, loss {loss}")
+    if status["rejected_updates"]:
+        print(f"  rejected updates: {status['rejected_updates']}")
+
+
+def _serve(fed: Federation) -> int:
+    from coordinator.server import CoordinatorServer
+
+    server = CoordinatorServer(fed)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        await server.serve()
+
+    asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

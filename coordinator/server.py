@@ -1,0 +1,589 @@
+"""The coordinator's asyncio adapter: websockets in, round engine decisions out.
+
+Theory of operation: one ``CoordinatorSession`` per site connection turns frames into
+events; this module does the I/O those events need (database, blob files, signatures) and
+feeds the outcome to the ``RoundEngine``, whose actions it then carries out. Everything runs
+on one event loop; CPU-heavy steps (update validation, aggregation) run in a worker thread.
+Nothing here decides policy: that is the engine's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from coordinator.aggregation import aggregate_round, check_update
+from coordinator.engine import (
+    Action,
+    Aggregate,
+    FinishRun,
+    InviteSite,
+    OpenRound,
+    RetryRound,
+    RoundEngine,
+)
+from coordinator.federation import Federation
+from coordinator.store import RunRecord, UpdateRecord
+from shared.crypto.signing import sign, verify
+from shared.crypto.tls import server_ssl_context
+from shared.errors import TesseraError
+from shared.identity.invitation import token_digest
+from shared.plan import TrainingPlan
+from shared.protocol import signed
+from shared.protocol.codec import DEFAULT_LIMITS, Limits
+from shared.protocol.messages import (
+    Authenticate,
+    ChunkAck,
+    Enrol,
+    ErrorMessage,
+    RoundDecline,
+    RoundInvite,
+    RunFinished,
+    TransferAccept,
+    TransferOffer,
+    UpdateAccepted,
+    UpdateOffer,
+)
+from shared.protocol.session import (
+    ChunkReceived,
+    Closed,
+    CoordinatorSession,
+    Event,
+    MessageReceived,
+    PeerViolation,
+    TransferComplete,
+    TransferFailed,
+)
+from shared.protocol.transfer import make_offer
+
+log = logging.getLogger("tessera.coordinator")
+
+
+@dataclass
+class Upload:
+    offer: UpdateOffer
+    path: Path
+    fh: Any
+
+
+@dataclass
+class Connection:
+    ws: ServerConnection
+    session: CoordinatorSession
+    site_id: str | None = None
+    uploads: dict[str, Upload] = field(default_factory=dict)
+
+
+@dataclass
+class RoundModel:
+    """The global model of the open round: encoded, hashed and signed once per round."""
+
+    round: int
+    data: bytes
+    offer: TransferOffer
+    signature: str
+
+
+class CoordinatorServer:
+    def __init__(
+        self,
+        fed: Federation,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        admin_poll_s: float = 0.5,
+    ) -> None:
+        self.fed = fed
+        self.limits = limits
+        self.clock = clock
+        self.admin_poll_s = admin_poll_s
+        self.key = fed.signing_key()
+        self.public_key = fed.public_key()
+        self.fingerprint = fed.fingerprint()
+        self.connections: dict[str, Connection] = {}
+        self.run: RunRecord | None = None
+        self.plan: TrainingPlan | None = None
+        self.plan_signature = ""
+        self.engine: RoundEngine | None = None
+        self.model: RoundModel | None = None
+        self.port: int | None = None
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[int], None] | None = None) -> None:
+        cfg = self.fed.config
+        ssl_ctx = None
+        if not cfg.insecure_loopback:
+            ssl_ctx = server_ssl_context(self.fed.paths.tls_cert, self.fed.paths.tls_key)
+        async with serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            ssl=ssl_ctx,
+            max_size=self.limits.max_frame_bytes,
+            ping_interval=20,
+            ping_timeout=20,
+        ) as server:
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            self.fed.paths.port_file.write_text(str(self.port))
+            log.info("serving %s on port %d", cfg.federation, self.port)
+            if ready is not None:
+                ready(self.port)
+            await self._supervise()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def _supervise(self) -> None:
+        """Pick up runs started from the admin CLI and fire round deadlines."""
+        while not self._stopping.is_set():
+            if self.engine is None or self.engine.finished:
+                self._load_run()
+            now = self.clock()
+            if self.engine is not None:
+                self._apply(self.engine.tick(now))
+            timeout = self.admin_poll_s
+            deadline = self.engine.next_deadline() if self.engine else None
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _load_run(self) -> None:
+        run = self.fed.store.active_run()
+        if run is None or (self.run is not None and run.run_id == self.run.run_id):
+            return
+        plan = self.fed.plan(run.plan_hash)
+        row = self.fed.store.plan(run.plan_hash)
+        self.run, self.plan = run, plan
+        self.plan_signature = row["signature"] if row else ""
+        stored = {u.site_id for u in self.fed.store.updates(run.run_id, run.current_round)}
+        self.engine = RoundEngine(
+            rounds=plan.rounds,
+            quorum=plan.quorum,
+            min_sites=plan.min_sites,
+            deadline_s=plan.round_deadline_s,
+            current_round=run.current_round,
+            reported=stored,
+        )
+        self.model = None
+        log.info(
+            "run %s at round %d (%d updates on disk)", run.run_id, run.current_round, len(stored)
+        )
+        now = self.clock()
+        for site_id in sorted(self.connections):
+            self._apply(self.engine.site_online(site_id, now))
+
+    # -- engine actions ------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            try:
+                self._do(action)
+            except TesseraError as exc:  # e.g. a failed disk write: pause, say why
+                log.error("cannot carry out %s: %s (%s)", action, exc, exc.code)
+                if isinstance(action, Aggregate) and self.engine is not None:
+                    self._apply(self.engine.aggregate_failed(action.round, str(exc), self.clock()))
+
+    def _do(self, action: Action) -> None:
+        assert self.run is not None and self.plan is not None and self.engine is not None
+        now = self.clock()
+        if isinstance(action, OpenRound):
+            self.fed.store.open_round(
+                self.run.run_id,
+                action.round,
+                list(action.selected),
+                self.run.model_digest,
+                now,
+                action.deadline,
+            )
+            self._prepare_model(action.round)
+        elif isinstance(action, InviteSite):
+            conn = self.connections.get(action.site_id)
+            if conn is not None:
+                self._invite(conn, action.round)
+        elif isinstance(action, Aggregate):
+            self._spawn(self._aggregate(action))
+        elif isinstance(action, RetryRound):
+            log.warning("round %d retried: %s", action.round, action.reason)
+            self.fed.store.fail_round_attempt(self.run.run_id, action.round, action.reason, now)
+        elif isinstance(action, FinishRun):
+            self.run = self.fed.store.run(self.run.run_id)
+            log.info("run finished after %d rounds", action.rounds)
+            for conn in list(self.connections.values()):
+                self._send_finished(conn)
+
+    def _prepare_model(self, rnd: int) -> None:
+        assert self.run is not None and self.plan is not None
+        if self.model is not None and self.model.round == rnd:
+            return
+        digest = self.run.model_digest
+        data = self.fed.blobs.get(digest)
+        offer = make_offer("m-" + digest, data, self.limits.chunk_size)
+        signature = sign(
+            self.key,
+            signed.MODEL,
+            signed.model_fields(
+                run_id=self.run.run_id, round=rnd, plan_hash=self.plan.plan_hash, sha256=digest
+            ),
+        )
+        self.model = RoundModel(rnd, data, offer, signature)
+
+    def _invite(self, conn: Connection, rnd: int) -> None:
+        assert self.run is not None and self.plan is not None
+        self._prepare_model(rnd)
+        assert self.model is not None
+        conn.session.send(
+            RoundInvite(
+                run_id=self.run.run_id,
+                round=rnd,
+                plan=self.plan.to_dict(),
+                plan_hash=self.plan.plan_hash,
+                plan_signature=self.plan_signature,
+                model=self.model.offer.body(),
+                model_signature=self.model.signature,
+                deadline_s=self.plan.round_deadline_s,
+            )
+        )
+        self._spawn(self._flush(conn))
+
+    def _send_finished(self, conn: Connection) -> None:
+        run = self.run
+        if run is None or run.status != "finished":
+            return
+        conn.session.send(
+            RunFinished(run_id=run.run_id, rounds=run.current_round, final_model=run.model_digest)
+        )
+        self._spawn(self._flush(conn))
+
+    async def _aggregate(self, action: Aggregate) -> None:
+        assert self.run is not None and self.plan is not None and self.engine is not None
+        run, plan = self.run, self.plan
+        updates = [
+            u for u in self.fed.store.updates(run.run_id, action.round) if u.site_id in action.sites
+        ]
+        try:
+            data = await asyncio.to_thread(
+                aggregate_round, self.fed.blobs, run.model_digest, updates, plan.weighting
+            )
+            digest = self.fed.blobs.put(data)
+            mean_loss = sum(u.train_loss for u in updates) / len(updates)
+            final = action.round >= plan.rounds
+            self.fed.store.commit_round(
+                run.run_id, action.round, digest, len(updates), mean_loss, final, self.clock()
+            )
+        except TesseraError as exc:
+            log.error("aggregation of round %d failed: %s", action.round, exc)
+            self._apply(self.engine.aggregate_failed(action.round, str(exc), self.clock()))
+            return
+        self.run = self.fed.store.run(run.run_id)
+        log.info("round %d aggregated from %d updates", action.round, len(updates))
+        self._apply(self.engine.aggregate_committed(action.round, self.clock()))
+        self._wake.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        nonce = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii").rstrip("=")
+        session = CoordinatorSession(
+            nonce=nonce, federation=self.fed.config.federation, limits=self.limits
+        )
+        conn = Connection(ws, session)
+        try:
+            await self._flush(conn)
+            async for frame in ws:
+                session.receive_frame(frame)
+                for event in session.events_received():
+                    await self._on_event(conn, event)
+                await self._flush(conn)
+                if session.closed:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            for upload in conn.uploads.values():
+                upload.fh.close()
+            if conn.site_id is not None and self.connections.get(conn.site_id) is conn:
+                del self.connections[conn.site_id]
+                if self.engine is not None:
+                    self._apply(self.engine.site_offline(conn.site_id, self.clock()))
+            await ws.close()
+
+    async def _flush(self, conn: Connection) -> None:
+        for frame in conn.session.data_to_send():
+            try:
+                await conn.ws.send(frame)
+            except ConnectionClosed:
+                return
+
+    async def _on_event(self, conn: Connection, event: Event) -> None:
+        if isinstance(event, MessageReceived):
+            await self._on_message(conn, event.message)
+        elif isinstance(event, ChunkReceived):
+            upload = conn.uploads.get(event.transfer_id)
+            if upload is not None:
+                upload.fh.write(event.data)
+                upload.fh.flush()
+                conn.session.ack(event.transfer_id)
+        elif isinstance(event, TransferComplete):
+            upload = conn.uploads.pop(event.offer.transfer_id, None)
+            if upload is not None:
+                await self._finish_upload(conn, upload)
+        elif isinstance(event, TransferFailed):
+            upload = conn.uploads.pop(event.transfer_id, None)
+            if upload is not None:
+                upload.fh.close()
+                upload.path.unlink(missing_ok=True)
+                self._reject(conn, upload.offer, event.code, event.reason)
+        elif isinstance(event, PeerViolation):
+            log.warning(
+                "site %s broke the protocol: %s (%s)", conn.site_id, event.reason, event.code
+            )
+        elif isinstance(event, Closed):
+            log.info("connection of %s closed: %s", conn.site_id, event.reason)
+
+    async def _on_message(self, conn: Connection, msg: Any) -> None:
+        now = self.clock()
+        if isinstance(msg, Enrol):
+            self._enrol(conn, msg, now)
+        elif isinstance(msg, Authenticate):
+            self._authenticate(conn, msg, now)
+        elif isinstance(msg, TransferAccept):
+            model = self.model
+            if model is not None and msg.transfer_id == model.offer.transfer_id:
+                for frame in conn.session.chunks(model.offer, model.data, msg.next_index):
+                    await conn.ws.send(frame)
+            else:
+                conn.session.send(
+                    ErrorMessage(
+                        code="protocol.transfer_index", message="no such transfer", ref=msg.TYPE
+                    )
+                )
+        elif isinstance(msg, ChunkAck):
+            pass  # download progress; resume uses the site's own TransferAccept
+        elif isinstance(msg, UpdateOffer):
+            self._offer(conn, msg, now)
+        elif isinstance(msg, RoundDecline):
+            log.info("site %s declined round %d: %s", conn.site_id, msg.round, msg.reason)
+            if self.engine is not None and self.run is not None and msg.run_id == self.run.run_id:
+                self._apply(self.engine.site_declined(conn.site_id or "", msg.round, now))
+        elif isinstance(msg, ErrorMessage):
+            log.warning("site %s reports %s: %s", conn.site_id, msg.code, msg.message)
+
+    def _enrol(self, conn: Connection, msg: Enrol, now: float) -> None:
+        try:
+            verify(
+                msg.public_key,
+                signed.ENROL,
+                signed.enrol_fields(
+                    nonce=conn.session.nonce,
+                    token=msg.token,
+                    public_key=msg.public_key,
+                    site_name=msg.site_name,
+                    fingerprint=self.fingerprint,
+                ),
+                msg.signature,
+            )
+            site = self.fed.store.redeem_invitation(token_digest(msg.token), msg.public_key, now)
+        except TesseraError as exc:
+            log.warning("enrolment refused: %s (%s)", exc, exc.code)
+            conn.session.reject(exc.code, exc.message)
+            return
+        self._welcome(conn, site.site_id, site.name, now)
+
+    def _authenticate(self, conn: Connection, msg: Authenticate, now: float) -> None:
+        site = self.fed.store.site(msg.site_id)
+        if site is None:
+            conn.session.reject(
+                "identity.unknown_site",
+                "This site is not enrolled in the federation. Enrol again with a new "
+                "invitation code.",
+            )
+            return
+        try:
+            verify(
+                site.public_key,
+                signed.AUTH,
+                signed.auth_fields(
+                    nonce=conn.session.nonce, site_id=msg.site_id, fingerprint=self.fingerprint
+                ),
+                msg.signature,
+            )
+        except TesseraError as exc:
+            log.warning("authentication of %s failed: %s", msg.site_id, exc)
+            conn.session.reject(exc.code, "authentication failed: the signature does not verify")
+            return
+        self._welcome(conn, site.site_id, site.name, now)
+
+    def _welcome(self, conn: Connection, site_id: str, name: str, now: float) -> None:
+        old = self.connections.get(site_id)
+        if old is not None:
+            old.session.close("net.replaced", "a newer connection of this site took over")
+            self._spawn(self._flush_and_close(old))
+        conn.site_id = site_id
+        self.connections[site_id] = conn
+        conn.session.accept_identity(
+            site_id=site_id,
+            site_name=name,
+            coordinator_key=self.public_key,
+            federation=self.fed.config.federation,
+        )
+        log.info("site %s (%s) connected", site_id, name)
+        if self.engine is not None and not self.engine.finished:
+            self._apply(self.engine.site_online(site_id, now))
+        else:
+            self._send_finished(conn)
+
+    async def _flush_and_close(self, conn: Connection) -> None:
+        await self._flush(conn)
+        await conn.ws.close()
+
+    # -- updates -------------------------------------------------------------------------
+
+    def _offer(self, conn: Connection, msg: UpdateOffer, now: float) -> None:
+        run, plan, site_id = self.run, self.plan, conn.site_id
+        assert site_id is not None
+        offer = msg.update_offer
+        if run is None or plan is None or msg.run_id != run.run_id:
+            self._refuse(conn, msg, "update.stale", "this run is not active")
+            return
+        stored = {u.site_id: u for u in self.fed.store.updates(run.run_id, msg.round)}
+        if site_id in stored:  # a replay after a reconnect: harmless, answer the same
+            if stored[site_id].digest == offer.sha256:
+                conn.session.send(
+                    UpdateAccepted(run_id=run.run_id, round=msg.round, sha256=offer.sha256)
+                )
+            else:
+                self._refuse(
+                    conn,
+                    msg,
+                    "update.duplicate",
+                    "an update for this round was already accepted from this site",
+                )
+            return
+        if msg.round != run.current_round or msg.base_model != run.model_digest:
+            self._refuse(
+                conn,
+                msg,
+                "update.stale",
+                f"round {msg.round} is not the open round {run.current_round}",
+            )
+            return
+        try:
+            verify(
+                self.fed.store.site(site_id).public_key,  # type: ignore[union-attr]
+                signed.UPDATE,
+                signed.update_fields(
+                    run_id=msg.run_id,
+                    round=msg.round,
+                    site_id=site_id,
+                    plan_hash=plan.plan_hash,
+                    base_model=msg.base_model,
+                    sha256=offer.sha256,
+                    num_samples=msg.num_samples,
+                ),
+                msg.signature,
+            )
+        except TesseraError as exc:
+            self._reject(conn, msg, exc.code, "the update's signature does not verify")
+            return
+        limit = 2 * (self.model.offer.size if self.model else 0) + 1024 * 1024
+        if offer.size > limit:
+            self._reject(
+                conn,
+                msg,
+                "update.too_large",
+                f"update of {offer.size} bytes is larger than the model allows",
+            )
+            return
+        path = self.fed.blobs.partial_path(f"{site_id}-{offer.transfer_id}.part")
+        have = path.read_bytes() if path.exists() else b""
+        try:
+            next_index = conn.session.expect_transfer(offer, have)
+        except TesseraError:
+            return
+        keep = min(len(have), next_index * offer.chunk_size)
+        fh = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (held across events)
+        fh.truncate(keep)
+        fh.seek(keep)
+        conn.uploads[offer.transfer_id] = Upload(msg, path, fh)
+
+    async def _finish_upload(self, conn: Connection, upload: Upload) -> None:
+        assert self.run is not None and self.plan is not None and self.engine is not None
+        msg, site_id = upload.offer, conn.site_id or ""
+        upload.fh.flush()
+        os.fsync(upload.fh.fileno())
+        upload.fh.close()
+        try:
+            norm = await asyncio.to_thread(
+                check_update,
+                upload.path,
+                self.fed.blobs,
+                self.run.model_digest,
+                self.plan.max_update_norm,
+            )
+        except TesseraError as exc:
+            upload.path.unlink(missing_ok=True)  # nothing of a rejected update is kept
+            self._reject(conn, msg, exc.code, exc.message)
+            return
+        digest = msg.update_offer.sha256
+        try:
+            self.fed.blobs.adopt(upload.path, digest)
+            self.fed.store.add_update(
+                UpdateRecord(
+                    self.run.run_id,
+                    msg.round,
+                    site_id,
+                    digest,
+                    msg.num_samples,
+                    msg.train_loss,
+                    self.clock(),
+                ),
+                msg.signature,
+            )
+        except TesseraError as exc:
+            log.error("cannot store update of %s: %s", site_id, exc)
+            conn.session.send(
+                ErrorMessage(
+                    code=exc.code,
+                    message="the coordinator could not store the update; it will ask again",
+                    ref=msg.TYPE,
+                )
+            )
+            return
+        log.info("update from %s for round %d stored (norm %.4g)", site_id, msg.round, norm)
+        conn.session.send(UpdateAccepted(run_id=msg.run_id, round=msg.round, sha256=digest))
+        await self._flush(conn)
+        self._apply(self.engine.update_stored(site_id, msg.round, self.clock()))
+
+    def _refuse(self, conn: Connection, msg: Any, code: str, reason: str) -> None:
+        conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))
+
+    def _reject(self, conn: Connection, msg: UpdateOffer, code: str, reason: str) -> None:
+        """Refuse an update and record why; nothing of the update itself is stored."""
+        log.warning("update from %s rejected: %s (%s)", conn.site_id, reason, code)
+        self.fed.store.reject_update(
+            msg.run_id, msg.round, conn.site_id or "", code, reason, self.clock()
+        )
+        conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))

@@ -1,0 +1,171 @@
+"""Checks an update must pass before any of it reaches an aggregate.
+
+DESIGN.md, robustness rules: an update with NaN, Inf, the wrong names, shapes or dtypes, or a
+norm beyond the plan's bound is rejected with a stable code. This module is pure (no I/O) and is
+shared by :func:`validate_update` (whole updates held in memory) and the streaming accumulator in
+:mod:`shared.aggregation.fedavg` (updates checked block by block as their bytes arrive).
+
+Codes (``UpdateError.code``):
+
+- ``update.keys``      missing or unexpected tensor names
+- ``update.shape``     a tensor has another shape than the global model's
+- ``update.dtype``     a tensor has another dtype (or is not a numpy array)
+- ``update.nonfinite`` a tensor holds NaN or +-Inf
+- ``update.range``     an element's magnitude exceeds ``max_abs`` (protects fixed-point sums)
+- ``update.norm``      the update's L2 norm exceeds ``max_norm`` (the plan's clipping bound)
+
+Theory of operation of the block check: for each block of at most :data:`BLOCK` elements we
+compute the sum of squares with one BLAS dot product, which is about as fast as reading the
+block. A NaN or Inf makes that sum non-finite, and a finite sum below ``max_abs**2 / 2`` proves
+every element of the block lies within ``max_abs`` (each square is at most the sum; the factor 2
+covers the float32 rounding of the dot, at most ``BLOCK * 2**-24 < 0.4 %``). Only blocks that
+fail this cheap test are looked at element by element, to say exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from shared.errors import UpdateError
+
+TensorLayout = Mapping[str, tuple[tuple[int, ...], str]]
+"""Tensor name -> (shape, numpy dtype name such as ``"float32"``)."""
+
+BLOCK = 1 << 16
+"""Elements per block (256 KiB of float32): temporaries stay in L2 cache."""
+
+_SHOW = 5  # names listed in an error message before "and N more"
+
+
+def layout_of(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The layout (name -> (shape, dtype name)) of a mapping of arrays, e.g. the global model."""
+    return {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in arrays.items()}
+
+
+def _names(names: Iterable[str]) -> str:
+    ordered = sorted(names)
+    shown = ", ".join(repr(n) for n in ordered[:_SHOW])
+    more = len(ordered) - _SHOW
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def check_keys(names: Iterable[str], layout: TensorLayout) -> None:
+    """Raise ``update.keys`` unless ``names`` are exactly the layout's tensor names."""
+    got = set(names)
+    want = set(layout)
+    if got == want:
+        return
+    parts = []
+    if want - got:
+        parts.append(f"is missing {len(want - got)} tensor(s): {_names(want - got)}")
+    if got - want:
+        parts.append(f"has {len(got - want)} unexpected tensor(s): {_names(got - want)}")
+    raise UpdateError(
+        f"The update {' and '.join(parts)}. It must hold exactly the tensors of this round's "
+        "global model; make the update from that model with the architecture the plan names.",
+        code="update.keys",
+    )
+
+
+def check_tensor_meta(name: str, shape: tuple[int, ...], dtype: str, layout: TensorLayout) -> None:
+    """Raise ``update.shape`` / ``update.dtype`` if one tensor's metadata differs from layout."""
+    want_shape, want_dtype = layout[name]
+    if tuple(shape) != tuple(want_shape):
+        raise UpdateError(
+            f"Tensor {name!r} has shape {tuple(shape)}, but the global model's is "
+            f"{tuple(want_shape)}. Make the update from this round's global model.",
+            code="update.shape",
+            tensor=name,
+        )
+    if dtype != want_dtype:
+        raise UpdateError(
+            f"Tensor {name!r} has dtype {dtype}, but the global model's is {want_dtype}. "
+            "Send the update in the model's dtype.",
+            code="update.dtype",
+            tensor=name,
+        )
+
+
+def check_block(name: str, x: np.ndarray, max_abs: float) -> float:
+    """Sum of squares (float) of one 1-D block; raise ``update.nonfinite`` / ``update.range``.
+
+    ``x`` must be float32 or float64 (callers widen float16 first): see the module docstring
+    for why one dot product usually suffices.
+    """
+    if not x.size:
+        return 0.0
+    ss = float(np.dot(x, x))
+    hi = np.maximum.reduce(x)
+    lo = np.minimum.reduce(x)
+    if hi <= max_abs and lo >= -max_abs:  # False for NaN (max/min propagate it) and Inf
+        if not math.isfinite(ss):  # float32 squares overflowed: only for huge max_abs
+            ss = float(np.dot(x.astype(np.float64), x.astype(np.float64)))
+        return ss
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = x[~finite][0]
+        raise UpdateError(
+            f"Tensor {name!r} holds {'NaN' if np.isnan(bad) else 'infinite'} values. "
+            "Local training diverged; lower the learning rate or check the data, then retrain.",
+            code="update.nonfinite",
+            tensor=name,
+        )
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak > max_abs:
+        raise UpdateError(
+            f"Tensor {name!r} has an element of magnitude {peak:.6g}, beyond the allowed "
+            f"{max_abs:.6g}. Clip the update to the plan's range before sending it.",
+            code="update.range",
+            tensor=name,
+        )
+    return ss  # unreachable: in range and finite was handled above
+
+
+def check_norm(norm: float, max_norm: float | None) -> None:
+    if max_norm is not None and not norm <= max_norm:
+        raise UpdateError(
+            f"The update's L2 norm is {norm:.6g}, beyond the plan's bound {max_norm:.6g}. "
+            "Clip the update to the plan's norm bound before sending it.",
+            code="update.norm",
+        )
+
+
+def validate_update(
+    update: Mapping[str, np.ndarray],
+    layout: TensorLayout,
+    *,
+    max_abs: float = 1e6,
+    max_norm: float | None = None,
+) -> float:
+    """Check ``update`` against ``layout`` and bounds; return its L2 norm.
+
+    Raises :class:`~shared.errors.UpdateError` with the codes listed in the module docstring.
+    Pure: reads the arrays, changes nothing. Names are checked first, then each tensor's
+    shape and dtype, then values, so the cheapest problems are reported first.
+    """
+    check_keys(update.keys(), layout)
+    for name in layout:
+        a = update[name]
+        if not isinstance(a, np.ndarray):
+            raise UpdateError(
+                f"Tensor {name!r} is a {type(a).__name__}, not a numpy array. "
+                "Decode the update with shared's safetensors codec.",
+                code="update.dtype",
+                tensor=name,
+            )
+        check_tensor_meta(name, a.shape, str(a.dtype), layout)
+    total = 0.0
+    for name in layout:
+        flat = update[name].reshape(-1)
+        kind = flat.dtype.kind
+        for i in range(0, flat.size, BLOCK):
+            block = flat[i : i + BLOCK]
+            if kind != "f" or block.dtype.itemsize < 4:
+                block = block.astype(np.float64)
+            total += check_block(name, block, max_abs)
+    norm = math.sqrt(total)
+    check_norm(norm, max_norm)
+    return norm

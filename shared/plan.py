@@ -1,0 +1,290 @@
+"""Training plans: the declarative, hashable description of one federated run.
+
+A plan carries no code: it names an architecture from the registry and settings that every site
+checks and approves by the hash of the plan's canonical JSON (DESIGN.md "Governance"). A plan
+that cannot be built is refused here, in ``__post_init__``, so an invalid plan cannot exist.
+Values are normalised on the way in (ints given for float fields become floats, ``min_sites``
+defaults to ``quorum``, preprocessing is sorted) so equal plans have equal hashes however they
+were written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared.canonical import canonical_json, sha256_hex
+from shared.errors import PlanError
+from shared.models.registry import get_architecture
+from shared.types import PlanHash
+
+PreprocessValue = str | int | float | bool | None
+
+TASKS = ("binary_classification",)
+OPTIMISERS = ("sgd", "adam")
+AGGREGATIONS = ("fedavg",)
+WEIGHTINGS = ("samples", "uniform")
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 512
+MAX_SEED = 2**63 - 1
+
+
+class FrozenMap(Mapping[str, PreprocessValue]):
+    """A read-only, hashable mapping with sorted keys (for ``TrainingPlan.preprocessing``)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, PreprocessValue] | None = None) -> None:
+        self._items: tuple[tuple[str, PreprocessValue], ...] = tuple(sorted((items or {}).items()))
+
+    def __getitem__(self, key: str) -> PreprocessValue:
+        for k, v in self._items:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({dict(self._items)!r})"
+
+
+def _invalid(name: str, allowed: str, value: Any) -> PlanError:
+    return PlanError(
+        f"Plan field {name!r} must be {allowed}; got {value!r}. Correct it in the plan.",
+        code="plan.invalid",
+        field=name,
+    )
+
+
+def _check_str(name: str, value: Any, *, choices: tuple[str, ...] | None = None) -> None:
+    if choices is not None:
+        if value not in choices or not isinstance(value, str):
+            raise _invalid(name, "one of " + ", ".join(repr(c) for c in choices), value)
+    elif not isinstance(value, str) or not value.strip():
+        raise _invalid(name, "a non-empty string", value)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _invalid(name, allowed, value)
+    if value < low or (high is not None and value > high):
+        raise _invalid(name, allowed, value)
+
+
+def _float(name: str, value: Any, allowed: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise _invalid(name, allowed, value)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingPlan:
+    """One federated training run. FedAvg (McMahan et al., AISTATS 2017): each round,
+    ``min_sites`` sites are invited, each trains ``local_epochs`` epochs from the global weights,
+    and the round closes once ``quorum`` updates arrived (or fails at ``round_deadline_s``);
+    updates are averaged weighted by sample count (``"samples"``) or equally (``"uniform"``).
+    ``max_update_norm`` bounds an update's L2 norm; larger updates are rejected."""
+
+    name: str
+    task: Literal["binary_classification"] = "binary_classification"
+    label_column: str = "label"
+    architecture: str
+    architecture_version: str
+    input_size: int
+    preprocessing: Mapping[str, PreprocessValue] = field(
+        default_factory=lambda: FrozenMap({"normalise": "zscore"})
+    )
+    local_epochs: int
+    batch_size: int
+    optimiser: Literal["sgd", "adam"]
+    learning_rate: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    rounds: int
+    quorum: int
+    min_sites: int | None = None  # None means "= quorum"; resolved in __post_init__
+    round_deadline_s: float
+    seed: int
+    aggregation: Literal["fedavg"] = "fedavg"
+    weighting: Literal["samples", "uniform"] = "samples"
+    max_update_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        _check_str("name", self.name)
+        _check_str("task", self.task, choices=TASKS)
+        _check_str("label_column", self.label_column)
+        _check_str("architecture", self.architecture)
+        _check_str("architecture_version", self.architecture_version)
+        _check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
+        put("preprocessing", _frozen_preprocessing(self.preprocessing))
+        _check_int("local_epochs", self.local_epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_str("optimiser", self.optimiser, choices=OPTIMISERS)
+        lr = _float("learning_rate", self.learning_rate, "a finite number > 0")
+        if lr <= 0:
+            raise _invalid("learning_rate", "a finite number > 0", self.learning_rate)
+        put("learning_rate", lr)
+        momentum = _float("momentum", self.momentum, "a number in [0, 1)")
+        if not 0 <= momentum < 1:
+            raise _invalid("momentum", "a number in [0, 1)", self.momentum)
+        put("momentum", momentum)
+        decay = _float("weight_decay", self.weight_decay, "a finite number >= 0")
+        if decay < 0:
+            raise _invalid("weight_decay", "a finite number >= 0", self.weight_decay)
+        put("weight_decay", decay)
+        _check_int("rounds", self.rounds, 1)
+        _check_int("quorum", self.quorum, 1)
+        if self.min_sites is None:
+            put("min_sites", self.quorum)
+        elif isinstance(self.min_sites, int) and 1 <= self.min_sites < self.quorum:
+            raise _invalid("min_sites", f"an integer >= quorum ({self.quorum})", self.min_sites)
+        else:
+            _check_int("min_sites", self.min_sites, self.quorum)
+        deadline = _float("round_deadline_s", self.round_deadline_s, "a finite number > 0")
+        if deadline <= 0:
+            raise _invalid("round_deadline_s", "a finite number > 0", self.round_deadline_s)
+        put("round_deadline_s", deadline)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_str("aggregation", self.aggregation, choices=AGGREGATIONS)
+        _check_str("weighting", self.weighting, choices=WEIGHTINGS)
+        if self.max_update_norm is not None:
+            allowed = "null or a finite number > 0"
+            norm = _float("max_update_norm", self.max_update_norm, allowed)
+            if norm <= 0:
+                raise _invalid("max_update_norm", allowed, self.max_update_norm)
+            put("max_update_norm", norm)
+        # Last: the registry's error lists what this installation can build.
+        get_architecture(self.architecture, self.architecture_version)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
+        """Build from parsed JSON; unknown or missing keys and wrong types raise PlanError."""
+        if not isinstance(data, Mapping):
+            raise PlanError(
+                f"A plan must be a JSON object, got {type(data).__name__}.", code="plan.invalid"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields), key=str)
+        if unknown:
+            raise PlanError(
+                f"Unknown plan field(s) {', '.join(map(repr, unknown))}. Allowed fields: "
+                f"{', '.join(sorted(fields))}.",
+                code="plan.invalid",
+            )
+        missing = sorted(
+            name
+            for name, f in fields.items()
+            if name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise PlanError(
+                f"Plan is missing required field(s) {', '.join(map(repr, missing))}.",
+                code="plan.invalid",
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with every field, defaults resolved."""
+        result = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        result["preprocessing"] = dict(self.preprocessing)
+        return result
+
+    def canonical_json(self) -> bytes:
+        return canonical_json(self.to_dict())
+
+    @property
+    def plan_hash(self) -> PlanHash:
+        """Hex SHA-256 of the canonical JSON: the plan's identity, which sites approve."""
+        return PlanHash(sha256_hex(self.canonical_json()))
+
+
+def _frozen_preprocessing(value: Any) -> FrozenMap:
+    allowed = "an object mapping names to strings, numbers, booleans or null"
+    if not isinstance(value, Mapping):
+        raise _invalid("preprocessing", allowed, value)
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise _invalid("preprocessing", allowed, value)
+        if isinstance(item, float) and not math.isfinite(item):
+            raise _invalid("preprocessing", allowed, value)
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise _invalid("preprocessing", allowed, value)
+    return value if isinstance(value, FrozenMap) else FrozenMap(value)
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def load_plan(path: str | os.PathLike[str]) -> TrainingPlan:
+    """Read and validate a plan from a JSON file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise PlanError(
+            f"Cannot read plan file {os.fspath(path)!r} ({exc.strerror or exc}). "
+            "Check the path and its permissions.",
+            code="plan.unreadable",
+        ) from exc
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise PlanError(
+            f"Plan file {os.fspath(path)!r} is not valid UTF-8 JSON ({exc}). Fix the file.",
+            code="plan.invalid",
+        ) from exc
+    return TrainingPlan.from_dict(data)
+
+
+def demo_plan(rounds: int = 5, **overrides: Any) -> TrainingPlan:
+    """A plan for the demo: small_cnn on 64x64 images, 3 sites invited, 2 needed per round,
+    plain FedAvg with local SGD. ``overrides`` replace any field."""
+    settings: dict[str, Any] = {
+        "name": "demo-binary-small-cnn",
+        "task": "binary_classification",
+        "label_column": "label",
+        "architecture": "small_cnn",
+        "architecture_version": "1",
+        "input_size": 64,
+        "preprocessing": {"normalise": "zscore"},
+        "local_epochs": 1,
+        "batch_size": 32,
+        "optimiser": "sgd",
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "rounds": rounds,
+        "quorum": 2,
+        "min_sites": 3,
+        "round_deadline_s": 600.0,
+        "seed": 0,
+        "aggregation": "fedavg",
+        "weighting": "samples",
+        "max_update_norm": None,
+    }
+    settings.update(overrides)
+    return TrainingPlan.from_dict(settings)

@@ -1,0 +1,46 @@
+"""Tessera's wire protocol: messages, codec, chunked transfers and sans-I/O sessions.
+
+Nothing in this package touches a socket, a clock or a file: adapters in ``coordinator`` and
+``site_client`` move the bytes and pass ``now`` in.
+"""
+
+from shared.protocol.codec import PROTOCOL_VERSION, Limits, decode, encode
+from shared.protocol.messages import (
+    Authenticate,
+    Challenge,
+    Chunk,
+    ChunkAck,
+    Enrol,
+    ErrorMessage,
+    Message,
+    RoundDecline,
+    RoundInvite,
+    RunFinished,
+    TransferAccept,
+    TransferOffer,
+    UpdateAccepted,
+    UpdateOffer,
+    Welcome,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Authenticate",
+    "Challenge",
+    "Chunk",
+    "ChunkAck",
+    "Enrol",
+    "ErrorMessage",
+    "Limits",
+    "Message",
+    "RoundDecline",
+    "RoundInvite",
+    "RunFinished",
+    "TransferAccept",
+    "TransferOffer",
+    "UpdateAccepted",
+    "UpdateOffer",
+    "Welcome",
+    "decode",
+    "encode",
+]

@@ -1,0 +1,371 @@
+"""Message dataclasses: one per message type, validated on construction.
+
+Theory of operation: every message is a frozen dataclass whose field types are its schema.
+The codec builds messages only through ``from_body``, which checks that the body has exactly
+the declared keys with the declared JSON types; ``__post_init__`` then checks meaning (hex
+digests, non-negative counts). An invalid message therefore cannot exist. Messages that carry
+bytes (``Chunk``) declare a ``payload: bytes`` field, which travels as the frame's binary
+part rather than inside the JSON.
+
+Connection flow (site S, coordinator C)::
+
+    C -> S  Challenge(nonce)
+    S -> C  Enrol(token, public key, signature)   first time, with an invitation token
+         or Authenticate(site_id, signature)      afterwards
+    C -> S  Welcome(site_id, coordinator key)     or ErrorMessage(fatal) and close
+    C -> S  RoundInvite(run, round, plan, model offer, signatures)
+    S -> C  TransferAccept(model transfer, next_index)    resume: index of first missing chunk
+    C -> S  Chunk(...) x n                     S -> C  ChunkAck(next_index) per chunk
+    S -> C  UpdateOffer(run, round, update offer, num_samples, signature)
+    C -> S  TransferAccept(update transfer, next_index)
+    S -> C  Chunk(...) x n                     C -> S  ChunkAck(next_index) per chunk
+    C -> S  UpdateAccepted(run, round, digest)    only once the update is on disk
+    C -> S  RunFinished(run, final model digest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, get_type_hints
+
+from shared.errors import RemoteProtocolError
+
+# fullmatch, not match with "$": "$" also matches before a trailing newline.
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RemoteProtocolError(message, code="protocol.schema")
+
+
+def _hex64(value: str, name: str) -> None:
+    _check(bool(_HEX64.fullmatch(value)), f"{name} must be a lower-case hex SHA-256 digest")
+
+
+def _ident(value: str, name: str) -> None:
+    _check(bool(_ID.fullmatch(value)), f"{name} must be 1-128 characters of [A-Za-z0-9_.:-]")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base class. ``TYPE`` is the wire name; subclasses register themselves."""
+
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super(Message, cls).__init_subclass__(**kwargs)
+        if cls.TYPE:
+            MESSAGE_TYPES[cls.TYPE] = cls
+
+    def body(self) -> dict[str, Any]:
+        """JSON body: every field except the binary payload."""
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "payload"
+        }
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], payload: bytes) -> Message:
+        hints = _schema(cls)
+        expected = set(hints) - {"payload"}
+        keys = set(body)
+        _check(
+            keys == expected,
+            f"{cls.TYPE}: fields {_names(sorted(keys ^ expected))} are missing or not allowed",
+        )
+        for name in expected:
+            _check(_matches(body[name], hints[name]), f"{cls.TYPE}.{name} has the wrong type")
+        if "payload" in hints:
+            return cls(**body, payload=payload)  # type: ignore[call-arg]
+        _check(not payload, f"{cls.TYPE} carries no binary payload")
+        return cls(**body)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    """A bounded list of field names: the peer chooses them, and errors echo them back."""
+    shown = str([name[:40] for name in names[:limit]])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+_SCHEMAS: dict[type, dict[str, Any]] = {}
+
+
+def _schema(cls: type) -> dict[str, Any]:
+    if cls not in _SCHEMAS:
+        hints = get_type_hints(cls)
+        _SCHEMAS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _SCHEMAS[cls]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """True if a decoded JSON value has the declared type (bool is not an int here)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
+    if hint is str:
+        return isinstance(value, str)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        (arm,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, arm) for v in value)
+    return False
+
+
+# --- connection set-up ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Challenge(Message):
+    TYPE: ClassVar[str] = "challenge"
+    nonce: str  # base64 of 32 random bytes; signed by the site with the certificate pin
+    federation: str
+
+    def __post_init__(self) -> None:
+        _check(16 <= len(self.nonce) <= 128, "challenge.nonce has the wrong length")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Enrol(Message):
+    TYPE: ClassVar[str] = "enrol"
+    token: str
+    site_name: str
+    public_key: str
+    signature: str  # over ("enrol", {nonce, token, public_key, site_name})
+
+    def __post_init__(self) -> None:
+        _check(0 < len(self.token) <= 256, "enrol.token has the wrong length")
+        _check(0 < len(self.site_name) <= 200, "enrol.site_name must be 1-200 characters")
+        _check(0 < len(self.public_key) <= 128, "enrol.public_key has the wrong length")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Authenticate(Message):
+    TYPE: ClassVar[str] = "authenticate"
+    site_id: str
+    signature: str  # over ("auth", {nonce, site_id, fingerprint})
+
+    def __post_init__(self) -> None:
+        _ident(self.site_id, "authenticate.site_id")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    site_id: str
+    site_name: str
+    coordinator_key: str
+    federation: str
+
+    def __post_init__(self) -> None:
+        _ident(self.site_id, "welcome.site_id")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorMessage(Message):
+    """An error the peer should know about. ``fatal`` means the sender closes next."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    ref: str | None = None  # type of the message this answers, if any
+    fatal: bool = False
+
+    def __post_init__(self) -> None:
+        _check(0 < len(self.code) <= 64, "error.code has the wrong length")
+        _check(len(self.message) <= 2000, "error.message is too long")
+
+
+# --- chunked transfers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferOffer(Message):
+    """What a receiver needs to take a large payload in chunks and verify it whole.
+
+    Embedded (as a dict) in RoundInvite and UpdateOffer rather than sent alone, so that an
+    offer always travels with the reason for it.
+    """
+
+    TYPE: ClassVar[str] = "transfer_offer"
+    transfer_id: str
+    size: int
+    sha256: str
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        _ident(self.transfer_id, "transfer_id")
+        _check(self.size >= 0, "transfer size must be >= 0")
+        _check(self.chunk_size > 0, "chunk_size must be > 0")
+        _hex64(self.sha256, "transfer sha256")
+
+    @property
+    def total_chunks(self) -> int:
+        return max(1, -(-self.size // self.chunk_size))
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> TransferOffer:
+        return typing.cast(TransferOffer, cls.from_body(value, b""))
+
+
+# An offer is only ever embedded in another message, never a frame of its own.
+del MESSAGE_TYPES[TransferOffer.TYPE]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferAccept(Message):
+    """Receiver says where to (re)start: the index of the first chunk it does not have."""
+
+    TYPE: ClassVar[str] = "transfer_accept"
+    transfer_id: str
+    next_index: int
+
+    def __post_init__(self) -> None:
+        _ident(self.transfer_id, "transfer_id")
+        _check(self.next_index >= 0, "next_index must be >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk(Message):
+    TYPE: ClassVar[str] = "chunk"
+    transfer_id: str
+    index: int
+    payload: bytes = b""
+
+    def __post_init__(self) -> None:
+        _ident(self.transfer_id, "transfer_id")
+        _check(self.index >= 0, "chunk index must be >= 0")
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return self.payload
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChunkAck(Message):
+    """The receiver has durably stored every chunk before ``next_index``."""
+
+    TYPE: ClassVar[str] = "chunk_ack"
+    transfer_id: str
+    next_index: int
+
+    def __post_init__(self) -> None:
+        _ident(self.transfer_id, "transfer_id")
+        _check(self.next_index >= 0, "next_index must be >= 0")
+
+
+# --- rounds -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundInvite(Message):
+    TYPE: ClassVar[str] = "round_invite"
+    run_id: str
+    round: int
+    plan: dict[str, Any]
+    plan_hash: str
+    plan_signature: str  # coordinator, over ("plan", {plan_hash})
+    model: dict[str, Any]  # a TransferOffer of the global model's safetensors bytes
+    model_signature: str  # coordinator, over ("model", {run_id, round, plan_hash, sha256})
+    deadline_s: float
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "round_invite.run_id")
+        _check(self.round >= 1, "round_invite.round must be >= 1")
+        _hex64(self.plan_hash, "round_invite.plan_hash")
+        TransferOffer.from_dict(self.model)
+        _check(self.deadline_s > 0, "round_invite.deadline_s must be > 0")
+
+    @property
+    def model_offer(self) -> TransferOffer:
+        return TransferOffer.from_dict(self.model)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateOffer(Message):
+    TYPE: ClassVar[str] = "update_offer"
+    run_id: str
+    round: int
+    base_model: str  # sha256 of the global model the update was computed from
+    update: dict[str, Any]  # a TransferOffer of the update's safetensors bytes
+    num_samples: int
+    train_loss: float
+    signature: str  # site, over ("update", {run_id, round, site_id, plan_hash, base_model, ...})
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "update_offer.run_id")
+        _check(self.round >= 1, "update_offer.round must be >= 1")
+        _hex64(self.base_model, "update_offer.base_model")
+        TransferOffer.from_dict(self.update)
+        _check(self.num_samples >= 1, "update_offer.num_samples must be >= 1")
+
+    @property
+    def update_offer(self) -> TransferOffer:
+        return TransferOffer.from_dict(self.update)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateAccepted(Message):
+    TYPE: ClassVar[str] = "update_accepted"
+    run_id: str
+    round: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "update_accepted.run_id")
+        _check(self.round >= 1, "update_accepted.round must be >= 1")
+        _hex64(self.sha256, "update_accepted.sha256")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundDecline(Message):
+    """The site cannot take part in this round (no data, training failed, cancelled)."""
+
+    TYPE: ClassVar[str] = "round_decline"
+    run_id: str
+    round: int
+    code: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "round_decline.run_id")
+        _check(self.round >= 1, "round_decline.round must be >= 1")
+        _check(0 < len(self.code) <= 64, "round_decline.code has the wrong length")
+        _check(len(self.reason) <= 2000, "round_decline.reason is too long")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFinished(Message):
+    TYPE: ClassVar[str] = "run_finished"
+    run_id: str
+    rounds: int
+    final_model: str
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "run_finished.run_id")
+        _check(self.rounds >= 0, "run_finished.rounds must be >= 0")
+        _hex64(self.final_model, "run_finished.final_model")

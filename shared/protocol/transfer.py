@@ -1,0 +1,106 @@
+"""Chunked transfer of large payloads, resumable at the last acknowledged chunk.
+
+The sender announces a ``TransferOffer`` (id, size, SHA-256 of the whole, chunk size); the
+receiver answers with the index of the first chunk it lacks (0 for a new transfer, more after
+a reconnect) and the sender streams chunks from there. The receiver checks every chunk's index
+and size as it comes and the whole payload's SHA-256 at the end; a receiver that resumes
+re-hashes the prefix it already holds, so a resumed payload is verified exactly like a fresh
+one. Pure: the adapter stores the bytes and decides when a chunk is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+from shared.errors import TransferError
+from shared.protocol.messages import Chunk, TransferOffer
+
+
+def make_offer(transfer_id: str, data: bytes | memoryview, chunk_size: int) -> TransferOffer:
+    return TransferOffer(
+        transfer_id=transfer_id,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        chunk_size=chunk_size,
+    )
+
+
+def iter_chunks(offer: TransferOffer, data: bytes | memoryview, start: int = 0) -> Iterator[Chunk]:
+    """Chunks of ``data`` from index ``start`` (the receiver's ``next_index``)."""
+    if len(data) != offer.size:
+        raise TransferError("payload does not match its offer", code="protocol.transfer_size")
+    if not 0 <= start <= offer.total_chunks:
+        raise TransferError(
+            f"resume index {start} is outside 0..{offer.total_chunks}",
+            code="protocol.transfer_index",
+        )
+    view = memoryview(data)
+    for index in range(start, offer.total_chunks):
+        lo = index * offer.chunk_size
+        yield Chunk(
+            transfer_id=offer.transfer_id,
+            index=index,
+            payload=bytes(view[lo : lo + offer.chunk_size]),
+        )
+
+
+class TransferReceiver:
+    """Checks the chunks of one inbound transfer; the caller keeps the bytes."""
+
+    def __init__(self, offer: TransferOffer, *, max_size: int, have: bytes | memoryview = b""):
+        if offer.size > max_size:
+            raise TransferError(
+                f"offered payload of {offer.size} bytes exceeds the limit of {max_size}",
+                code="protocol.too_large",
+            )
+        self.offer = offer
+        held = min(len(have), offer.size)  # bytes beyond the offer are ignored
+        if offer.size and held == offer.size:
+            self.next_index = offer.total_chunks
+        else:
+            self.next_index = held // offer.chunk_size
+        self._hash = hashlib.sha256(memoryview(have)[: self.received_bytes])
+
+    @property
+    def received_bytes(self) -> int:
+        return min(self.next_index * self.offer.chunk_size, self.offer.size)
+
+    @property
+    def complete(self) -> bool:
+        return self.next_index == self.offer.total_chunks
+
+    def receive(self, chunk: Chunk) -> None:
+        """Accept the next chunk or raise ``TransferError``; nothing changes on error."""
+        offer = self.offer
+        if chunk.transfer_id != offer.transfer_id:
+            raise TransferError("chunk for another transfer", code="protocol.transfer_index")
+        if self.complete:
+            raise TransferError(
+                "chunk after the transfer completed", code="protocol.transfer_index"
+            )
+        if chunk.index != self.next_index:
+            raise TransferError(
+                f"expected chunk {self.next_index}, got {chunk.index}",
+                code="protocol.transfer_index",
+            )
+        expected = min(offer.chunk_size, offer.size - self.received_bytes)
+        if len(chunk.payload) != expected:
+            raise TransferError(
+                f"chunk {chunk.index} has {len(chunk.payload)} bytes, expected {expected}",
+                code="protocol.transfer_size",
+            )
+        self._hash.update(chunk.payload)
+        self.next_index += 1
+
+    def verify(self) -> str:
+        """Check the whole payload's SHA-256 once complete; returns it."""
+        if not self.complete:
+            raise TransferError("transfer is incomplete", code="protocol.transfer_size")
+        digest = self._hash.hexdigest()
+        if digest != self.offer.sha256:
+            raise TransferError(
+                "payload SHA-256 does not match its offer; it was corrupted in transit",
+                code="protocol.hash_mismatch",
+            )
+        return digest

@@ -1,0 +1,26 @@
+"""Synthetic chest-radiograph federations for demos, tests and benchmarks (no real patients).
+
+``generate_federation(out_dir, sites=3, seed=0)`` writes per-site DICOM folders with label
+CSVs, a pooled held-out test set and ``manifest.json``; see :mod:`.federation`.
+"""
+
+from shared.synthetic.federation import (
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_IMAGES_PER_SITE,
+    DEFAULT_TEST_IMAGES,
+    FederationManifest,
+    SiteData,
+    generate_federation,
+)
+from shared.synthetic.scanners import ScannerProfile, profile_for_site
+
+__all__ = [
+    "DEFAULT_IMAGES_PER_SITE",
+    "DEFAULT_IMAGE_SIZE",
+    "DEFAULT_TEST_IMAGES",
+    "FederationManifest",
+    "ScannerProfile",
+    "SiteData",
+    "generate_federation",
+    "profile_for_site",
+]

@@ -1,0 +1,200 @@
+"""The local training loop every party runs: sites in a round, the demo's local-only and pooled
+baselines, and the benchmarks (DESIGN.md: one loop, so their numbers compare).
+
+Theory of operation: ``train_local`` runs ``plan.local_epochs`` epochs of mini-batch
+optimisation of binary cross-entropy on the logits (the ClientUpdate step of FedAvg, McMahan et
+al., AISTATS 2017), optionally with the FedProx proximal term (Li et al., MLSys 2020). All
+randomness comes from ``seed``: batches are shuffled by a local ``torch.Generator`` and the loop
+runs inside ``torch.random.fork_rng`` with the CPU generator seeded, so any stochastic layer is
+reproducible too and the caller's global RNG is untouched. Same weights, data, plan and seed
+give bit-identical weights in the same process (torch's CPU kernels are deterministic for a
+fixed thread count, which we never change). Batches are gathered by index from the arrays, so a
+memory-mapped tensor cache is read one batch at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.errors import DataError, TrainingCancelled, TrainingError
+from shared.metrics import Metrics, binary_metrics
+from shared.plan import TrainingPlan
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainResult:
+    """What one call of ``train_local`` did. ``num_samples`` weights the update in FedAvg."""
+
+    num_samples: int
+    steps: int
+    mean_loss: float
+
+
+def _check_data(images: np.ndarray, labels: np.ndarray | None) -> None:
+    if images.ndim != 4:
+        raise DataError(
+            f"Images must be an array of shape (N, channels, height, width); got {images.shape}.",
+            code="data.shape",
+        )
+    if images.shape[0] == 0:
+        raise DataError(
+            "The dataset is empty: import and label some studies first.", code="data.empty"
+        )
+    if labels is not None:
+        if labels.shape != (images.shape[0],):
+            raise DataError(
+                f"Expected one label per image ({images.shape[0]}), got shape {labels.shape}.",
+                code="data.labels",
+            )
+        if not np.all((labels == 0) | (labels == 1)):
+            raise DataError(
+                "Labels must be 0 or 1 for binary classification; check the labels file.",
+                code="data.labels",
+            )
+
+
+def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+    """One epoch's shuffled index batches. A trailing batch of a single sample is dropped
+    (when there are others): BatchNorm cannot normalise one value per channel in training."""
+    order = torch.randperm(num_samples, generator=generator).numpy()
+    batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def _optimiser(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if plan.optimiser == "sgd":
+        return torch.optim.SGD(
+            params, lr=plan.learning_rate, momentum=plan.momentum, weight_decay=plan.weight_decay
+        )
+    # Adam keeps its default betas; the plan's momentum applies to SGD only.
+    return torch.optim.Adam(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+
+
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = model(batch)
+    if out.ndim != 2 or out.shape[1] != 1:
+        raise TrainingError(
+            f"Binary classification needs one logit per image; the model gave {tuple(out.shape)}."
+            " Build it with num_classes=1.",
+            code="training.model",
+        )
+    return out[:, 0]
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    plan: TrainingPlan,
+    *,
+    seed: int,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    proximal: float | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``plan.local_epochs`` epochs on (images, labels).
+
+    ``images``: (N, C, H, W) float32; ``labels``: (N,) of 0/1. ``progress(step, total_steps)``
+    is called after every step. ``should_stop()`` is polled before every step; when it returns
+    True, ``TrainingCancelled`` is raised and the model is left half-trained (discard it).
+    ``proximal`` is FedProx's mu: it adds ``mu/2 * ||w - w_start||^2``, where ``w_start`` are
+    the weights the model had on entry (the global model), to limit client drift on non-IID
+    data. Raises ``TrainingError(code="training.diverged")`` if the loss becomes NaN or Inf.
+    """
+    _check_data(images, labels)
+    if proximal is not None and not (math.isfinite(proximal) and proximal >= 0):
+        raise TrainingError(
+            f"The proximal coefficient mu must be a finite number >= 0, got {proximal}.",
+            code="training.config",
+        )
+    num_samples = int(images.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    epochs = [_batches(num_samples, plan.batch_size, generator) for _ in range(plan.local_epochs)]
+    total_steps = sum(len(batches) for batches in epochs)
+    anchor = (
+        [p.detach().clone() for p in model.parameters() if p.requires_grad] if proximal else None
+    )
+    optimiser = _optimiser(model, plan)
+    loss_fn = nn.BCEWithLogitsLoss()
+    was_training = model.training
+    losses: list[float] = []
+    step = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            model.train()
+            for batches in epochs:
+                for index in batches:
+                    if should_stop is not None and should_stop():
+                        raise TrainingCancelled(
+                            f"Training was cancelled after {step} of {total_steps} steps.",
+                            code="training.cancelled",
+                        )
+                    x = torch.from_numpy(np.ascontiguousarray(images[index], dtype=np.float32))
+                    y = torch.from_numpy(np.ascontiguousarray(labels[index], dtype=np.float32))
+                    optimiser.zero_grad(set_to_none=True)
+                    loss = loss_fn(_logits(model, x), y)
+                    if anchor is not None and proximal:
+                        params = [p for p in model.parameters() if p.requires_grad]
+                        drift = sum(
+                            ((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True)
+                        )
+                        loss = loss + 0.5 * proximal * drift
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise TrainingError(
+                            f"The training loss became {value} at step {step + 1}. "
+                            "Lower the plan's learning rate or check the images.",
+                            code="training.diverged",
+                        )
+                    loss.backward()
+                    optimiser.step()
+                    losses.append(value)
+                    step += 1
+                    if progress is not None:
+                        progress(step, total_steps)
+    finally:
+        model.train(was_training)
+    return TrainResult(num_samples=num_samples, steps=step, mean_loss=float(np.mean(losses)))
+
+
+def predict_scores(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probability of the positive class for each image (sigmoid of the logit), float64,
+    computed in eval mode without gradients; the model's mode is restored afterwards."""
+    _check_data(images, None)
+    was_training = model.training
+    model.eval()
+    chunks: list[np.ndarray] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], batch_size):
+                x = torch.from_numpy(
+                    np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
+                )
+                chunks.append(torch.sigmoid(_logits(model, x)).double().numpy())
+    finally:
+        model.train(was_training)
+    scores = np.concatenate(chunks)
+    if not np.all(np.isfinite(scores)):
+        raise TrainingError(
+            "The model produced NaN outputs; its weights are unusable (training diverged).",
+            code="training.diverged",
+        )
+    return scores
+
+
+def evaluate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256
+) -> Metrics:
+    """Validation metrics of ``model`` on (images, labels); see ``binary_metrics``."""
+    _check_data(images, labels)
+    return binary_metrics(predict_scores(model, images, batch_size), labels)

@@ -1,0 +1,428 @@
+"""The site's participation loop: one outbound connection, rounds pushed by the coordinator.
+
+Theory of operation: ``Participant.run`` keeps one pinned wss connection open, reconnecting
+with jittered exponential backoff when it drops. A ``SiteSession`` turns frames into events;
+this adapter verifies what the coordinator signed (plan and model), stores the model as it
+arrives (resumable), trains in a child process (``Trainer``) while the connection stays
+responsive, and offers the signed update. A computed update waits in the outbox until the
+coordinator acknowledges it, so a reconnect re-offers it instead of training again. Only
+model weights' differences leave the site: no pixel data and no patient identifiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from shared.crypto.keys import load_private_key
+from shared.crypto.signing import sign, verify
+from shared.crypto.tls import connect_pinned
+from shared.errors import ConnectionFailed, TesseraError
+from shared.plan import TrainingPlan
+from shared.protocol import signed
+from shared.protocol.codec import DEFAULT_LIMITS, Limits
+from shared.protocol.messages import (
+    Challenge,
+    ErrorMessage,
+    RoundDecline,
+    RoundInvite,
+    RunFinished,
+    TransferAccept,
+    UpdateAccepted,
+    UpdateOffer,
+    Welcome,
+)
+from shared.protocol.session import (
+    ChunkReceived,
+    Closed,
+    MessageReceived,
+    PeerViolation,
+    SiteSession,
+    TransferComplete,
+    TransferFailed,
+)
+from shared.protocol.transfer import make_offer
+from site_client.core.config import SiteDir
+from site_client.core.trainer import Trainer
+
+log = logging.getLogger("tessera.site")
+
+FATAL_CODES = {"identity.unknown_site", "crypto.bad_signature", "net.pin_mismatch"}
+
+
+@dataclass(frozen=True, slots=True)
+class LocalData:
+    dicom_dir: Path
+    labels_csv: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Jittered exponential backoff ("full jitter"): spreads reconnects of many sites."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+
+
+@dataclass
+class Pending:
+    """An update computed for (run, round), waiting for the coordinator's acknowledgement."""
+
+    offer_msg: UpdateOffer
+    path: Path
+
+
+class RunOver(Exception):
+    """Raised inside the loop when the coordinator says the run is finished."""
+
+
+class Participant:
+    def __init__(
+        self,
+        site_dir: SiteDir,
+        data: LocalData,
+        *,
+        exit_when_done: bool = False,
+        limits: Limits = DEFAULT_LIMITS,
+        backoff: Backoff | None = None,
+        threads: int = 1,
+        on_status: Callable[[str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.dir = site_dir
+        site_dir.ensure()
+        self.config = site_dir.load()
+        self.key = load_private_key(site_dir.key_file)
+        self.data = data
+        self.exit_when_done = exit_when_done
+        self.limits = limits
+        self.backoff = backoff or Backoff()
+        self.trainer = Trainer(site_dir.jobs, threads=threads)
+        self.on_status = on_status or (lambda s: log.info("%s", s))
+        self.rng = rng or random.Random()
+        self.rounds_done: list[tuple[str, int]] = []
+        self._ws: ClientConnection | None = None
+        self._session: SiteSession | None = None
+        self._downloads: dict[str, tuple[RoundInvite, Any]] = {}
+        self._uploads: dict[str, tuple[UpdateOffer, bytes]] = {}
+        self._training: asyncio.Task[None] | None = None
+        self._training_key: tuple[str, int] | None = None
+        self._finished: RunFinished | None = None
+
+    # -- connection loop -----------------------------------------------------------------
+
+    async def run(self, max_attempts: int | None = None) -> RunFinished | None:
+        """Participate until the run finishes (with ``exit_when_done``) or forever."""
+        attempt = 0
+        while True:
+            try:
+                await self._connect_once()
+                attempt = 0
+            except RunOver:
+                return self._finished
+            except ConnectionFailed as exc:
+                if exc.code in FATAL_CODES:
+                    raise
+                self.on_status(f"coordinator unreachable: {exc}")
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+                self.on_status(f"connection lost: {exc!r}")
+            attempt += 1
+            if max_attempts is not None and attempt >= max_attempts:
+                raise ConnectionFailed(
+                    f"Cannot reach the coordinator at {self.config.coordinator_url} after "
+                    f"{attempt} attempts.",
+                    code="net.unreachable",
+                )
+            await asyncio.sleep(self.backoff.delay(attempt, self.rng))
+
+    async def _connect_once(self) -> None:
+        async with connect_pinned(
+            self.config.coordinator_url,
+            self.config.fingerprint,
+            open_timeout=15,
+            max_size=self.limits.max_frame_bytes,
+            ping_interval=20,
+            ping_timeout=20,
+        ) as ws:
+            self._ws = ws
+            self._session = SiteSession(limits=self.limits)
+            self._downloads.clear()
+            self._uploads.clear()
+            try:
+                async for frame in ws:
+                    self._session.receive_frame(frame)
+                    for event in self._session.events_received():
+                        await self._on_event(event)
+                    await self._flush()
+                    if self._session.closed:
+                        break
+            finally:
+                self._ws = None
+                for _, fh in self._downloads.values():
+                    fh.close()
+        if self._finished is not None and self.exit_when_done:
+            raise RunOver
+
+    async def _flush(self) -> None:
+        if self._ws is None or self._session is None:
+            return
+        for frame in self._session.data_to_send():
+            await self._ws.send(frame)
+
+    # -- events --------------------------------------------------------------------------
+
+    async def _on_event(self, event: Any) -> None:
+        session = self._session
+        assert session is not None
+        if isinstance(event, MessageReceived):
+            await self._on_message(event.message)
+        elif isinstance(event, ChunkReceived):
+            entry = self._downloads.get(event.transfer_id)
+            if entry is not None:
+                entry[1].write(event.data)
+                entry[1].flush()
+                session.ack(event.transfer_id)
+        elif isinstance(event, TransferComplete):
+            entry = self._downloads.pop(event.offer.transfer_id, None)
+            if entry is not None:
+                invite, fh = entry
+                fh.close()
+                self._model_arrived(invite)
+        elif isinstance(event, TransferFailed):
+            entry = self._downloads.pop(event.transfer_id, None)
+            if entry is not None:
+                entry[1].close()
+                self._model_part(entry[0]).unlink(missing_ok=True)
+            self.on_status(f"model download failed: {event.reason}")
+        elif isinstance(event, PeerViolation):
+            log.warning("coordinator sent something invalid: %s", event.reason)
+        elif isinstance(event, Closed):
+            if event.code in FATAL_CODES:
+                raise ConnectionFailed(event.reason, code=event.code)
+            log.info("connection closed: %s", event.reason)
+
+    async def _on_message(self, msg: Any) -> None:
+        session = self._session
+        assert session is not None
+        if isinstance(msg, Challenge):
+            session.authenticate(
+                site_id=self.config.site_id,
+                signature=sign(
+                    self.key,
+                    signed.AUTH,
+                    signed.auth_fields(
+                        nonce=msg.nonce,
+                        site_id=self.config.site_id,
+                        fingerprint=self.config.fingerprint,
+                    ),
+                ),
+            )
+        elif isinstance(msg, Welcome):
+            self.on_status(f"connected to {msg.federation} as {msg.site_name}")
+        elif isinstance(msg, RoundInvite):
+            self._on_invite(msg)
+        elif isinstance(msg, TransferAccept):
+            entry = self._uploads.get(msg.transfer_id)
+            if entry is not None:
+                offer_msg, data = entry
+                for frame in session.chunks(offer_msg.update_offer, data, msg.next_index):
+                    assert self._ws is not None
+                    await self._ws.send(frame)
+        elif isinstance(msg, UpdateAccepted):
+            self._accepted(msg)
+        elif isinstance(msg, RunFinished):
+            self._finished = msg
+            self.on_status(f"run {msg.run_id} finished after {msg.rounds} rounds")
+            if self.exit_when_done:
+                session.close("site.done", "the run is finished")
+        elif isinstance(msg, ErrorMessage):
+            self._on_error(msg)
+
+    def _on_error(self, msg: ErrorMessage) -> None:
+        self.on_status(f"coordinator says [{msg.code}]: {msg.message}")
+        if msg.ref == "update_offer":
+            # The update will not be taken (stale, rejected): forget it, train again if asked.
+            for path in self.dir.outbox.glob("*.json"):
+                path.unlink(missing_ok=True)
+        if msg.fatal and msg.code in FATAL_CODES:
+            raise ConnectionFailed(msg.message, code=msg.code)
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def _verify_invite(self, msg: RoundInvite) -> TrainingPlan:
+        plan = TrainingPlan.from_dict(msg.plan)
+        if plan.plan_hash != msg.plan_hash:
+            raise TesseraError("the plan does not match its hash", code="plan.hash_mismatch")
+        key = self.config.coordinator_key
+        verify(key, signed.PLAN, signed.plan_fields(plan_hash=msg.plan_hash), msg.plan_signature)
+        verify(
+            key,
+            signed.MODEL,
+            signed.model_fields(
+                run_id=msg.run_id,
+                round=msg.round,
+                plan_hash=msg.plan_hash,
+                sha256=msg.model_offer.sha256,
+            ),
+            msg.model_signature,
+        )
+        return plan
+
+    def _decline(self, msg: RoundInvite, code: str, reason: str) -> None:
+        assert self._session is not None
+        self.on_status(f"declining round {msg.round}: {reason}")
+        self._session.send(
+            RoundDecline(run_id=msg.run_id, round=msg.round, code=code, reason=reason)
+        )
+
+    def _on_invite(self, msg: RoundInvite) -> None:
+        assert self._session is not None
+        try:
+            self._verify_invite(msg)
+        except TesseraError as exc:
+            self._decline(msg, exc.code, f"invitation refused: {exc}")
+            return
+        self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
+        pending = self._load_pending(msg)
+        if pending is not None:
+            self._offer_update(pending)
+            return
+        if self._training_key == (msg.run_id, msg.round):
+            return  # already training for this round; the update follows
+        offer = msg.model_offer
+        final = self._model_path(msg)
+        if final.is_file():
+            self._model_arrived(msg)
+            return
+        part = self._model_part(msg)
+        have = part.read_bytes() if part.exists() else b""
+        try:
+            next_index = self._session.expect_transfer(offer, have)
+        except TesseraError as exc:
+            self._decline(msg, exc.code, str(exc))
+            return
+        keep = min(len(have), next_index * offer.chunk_size)
+        fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
+        fh.truncate(keep)
+        fh.seek(keep)
+        if next_index < offer.total_chunks:
+            self._downloads[offer.transfer_id] = (msg, fh)
+        else:
+            fh.close()
+
+    def _model_path(self, msg: RoundInvite) -> Path:
+        return self.dir.models / f"{msg.model_offer.sha256}.safetensors"
+
+    def _model_part(self, msg: RoundInvite) -> Path:
+        return self.dir.models / f"{msg.model_offer.sha256}.part"
+
+    def _model_arrived(self, msg: RoundInvite) -> None:
+        part, final = self._model_part(msg), self._model_path(msg)
+        if part.exists():
+            part.replace(final)
+        if self._training is not None and not self._training.done():
+            self.trainer.cancel()
+            self._training.cancel()
+        self._training_key = (msg.run_id, msg.round)
+        self._training = asyncio.ensure_future(self._train(msg))
+
+    async def _train(self, msg: RoundInvite) -> None:
+        self.on_status(f"round {msg.round}: training on local data")
+        name = f"{msg.run_id}-r{msg.round}"
+        seed = int(
+            hashlib.sha256(
+                f"{msg.plan.get('seed')}:{msg.run_id}:{msg.round}:{self.config.site_id}".encode()
+            ).hexdigest()[:8],
+            16,
+        )
+        try:
+            outcome = await self.trainer.train(
+                name,
+                {
+                    "plan": msg.plan,
+                    "model_path": str(self._model_path(msg)),
+                    "dicom_dir": str(self.data.dicom_dir),
+                    "labels_csv": str(self.data.labels_csv),
+                    "cache_dir": str(self.dir.tensors),
+                    "data_seed": 0,
+                    "seed": seed,
+                },
+            )
+        except TesseraError as exc:
+            if self._session is not None and not self._session.closed:
+                self._decline(msg, exc.code, str(exc))
+                await self._flush()
+            return
+        finally:
+            self._training_key = None
+        data = outcome.update_path.read_bytes()
+        offer = make_offer("u-" + hashlib.sha256(data).hexdigest(), data, self.limits.chunk_size)
+        base = msg.model_offer.sha256
+        offer_msg = UpdateOffer(
+            run_id=msg.run_id,
+            round=msg.round,
+            base_model=base,
+            update=offer.body(),
+            num_samples=outcome.num_samples,
+            train_loss=outcome.train_loss,
+            signature=sign(
+                self.key,
+                signed.UPDATE,
+                signed.update_fields(
+                    run_id=msg.run_id,
+                    round=msg.round,
+                    site_id=self.config.site_id,
+                    plan_hash=msg.plan_hash,
+                    base_model=base,
+                    sha256=offer.sha256,
+                    num_samples=outcome.num_samples,
+                ),
+            ),
+        )
+        pending = Pending(offer_msg, self.dir.outbox / f"{offer.sha256}.safetensors")
+        outcome.update_path.replace(pending.path)
+        (self.dir.outbox / f"{msg.run_id}-r{msg.round}.json").write_text(
+            json.dumps({"message": offer_msg.body(), "path": str(pending.path)}), "utf-8"
+        )
+        self.on_status(f"round {msg.round}: sending the update ({len(data)} bytes)")
+        self._offer_update(pending)
+        await self._flush()
+
+    def _load_pending(self, msg: RoundInvite) -> Pending | None:
+        record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"
+        if not record.is_file():
+            return None
+        raw = json.loads(record.read_text("utf-8"))
+        offer_msg = UpdateOffer(**raw["message"])
+        if offer_msg.base_model != msg.model_offer.sha256 or not Path(raw["path"]).is_file():
+            record.unlink()
+            return None
+        return Pending(offer_msg, Path(raw["path"]))
+
+    def _offer_update(self, pending: Pending) -> None:
+        if self._session is None or self._session.closed:
+            return  # offered again after the reconnect, from the outbox
+        data = pending.path.read_bytes()
+        self._uploads[pending.offer_msg.update_offer.transfer_id] = (pending.offer_msg, data)
+        self._session.send(pending.offer_msg)
+
+    def _accepted(self, msg: UpdateAccepted) -> None:
+        record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"
+        record.unlink(missing_ok=True)
+        (self.dir.outbox / f"{msg.sha256}.safetensors").unlink(missing_ok=True)
+        self._uploads.pop("u-" + msg.sha256, None)
+        self.rounds_done.append((msg.run_id, msg.round))
+        self.on_status(f"round {msg.round}: update accepted by the coordinator")

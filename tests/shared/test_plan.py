@@ -1,0 +1,159 @@
+"""Training plans: validation, canonical form and identity by hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.canonical import canonical_json
+from shared.errors import PlanError
+from shared.plan import TrainingPlan, demo_plan, load_plan
+
+
+def _plan_dict(**changes: Any) -> dict[str, Any]:
+    data = demo_plan().to_dict()
+    data.update(changes)
+    return data
+
+
+def test_demo_plan_is_valid_and_round_trips() -> None:
+    plan = demo_plan(rounds=3)
+    assert plan.rounds == 3
+    assert plan.architecture == "small_cnn" and plan.input_size == 64
+    again = TrainingPlan.from_dict(plan.to_dict())
+    assert again == plan
+    assert again.plan_hash == plan.plan_hash
+    assert hash(again) == hash(plan)
+
+
+def test_to_dict_is_json_and_canonical_json_matches() -> None:
+    plan = demo_plan()
+    data = plan.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert plan.canonical_json() == canonical_json(data)
+    assert len(plan.plan_hash) == 64
+
+
+def test_hash_is_stable_across_key_order() -> None:
+    data = _plan_dict(preprocessing={"normalise": "zscore", "clip": 3.0})
+    reordered = dict(reversed(list(data.items())))
+    reordered["preprocessing"] = {"clip": 3.0, "normalise": "zscore"}
+    assert TrainingPlan.from_dict(reordered).plan_hash == TrainingPlan.from_dict(data).plan_hash
+
+
+def test_defaults_and_number_forms_are_normalised() -> None:
+    explicit = TrainingPlan.from_dict(_plan_dict(min_sites=2, quorum=2, learning_rate=1))
+    data = _plan_dict(quorum=2, learning_rate=1.0)
+    del data["min_sites"]
+    implicit = TrainingPlan.from_dict(data)
+    assert implicit.min_sites == 2
+    assert isinstance(implicit.learning_rate, float)
+    assert implicit.plan_hash == explicit.plan_hash
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rounds", 6),
+        ("learning_rate", 0.02),
+        ("seed", 1),
+        ("preprocessing", {"normalise": "minmax"}),
+        ("max_update_norm", 10.0),
+        ("weighting", "uniform"),
+    ],
+)
+def test_hash_changes_when_a_field_changes(field: str, value: Any) -> None:
+    assert TrainingPlan.from_dict(_plan_dict(**{field: value})).plan_hash != demo_plan().plan_hash
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("name", "", r"'name' must be a non-empty string"),
+        ("task", "segmentation", r"'task' must be one of 'binary_classification'"),
+        ("label_column", 3, r"'label_column' must be a non-empty string"),
+        ("architecture_version", 1, r"'architecture_version' must be a non-empty string"),
+        ("input_size", 16, r"'input_size' must be an integer from 32 to 512; got 16"),
+        ("input_size", 513, r"'input_size' must be an integer from 32 to 512"),
+        ("input_size", 64.0, r"'input_size' must be an integer"),
+        ("preprocessing", ["zscore"], r"'preprocessing' must be an object mapping names"),
+        ("preprocessing", {"normalise": [1]}, r"'preprocessing' must be an object"),
+        ("preprocessing", {"scale": float("nan")}, r"'preprocessing' must be an object"),
+        ("local_epochs", 0, r"'local_epochs' must be an integer >= 1"),
+        ("local_epochs", True, r"'local_epochs' must be an integer >= 1; got True"),
+        ("batch_size", "32", r"'batch_size' must be an integer >= 1; got '32'"),
+        ("optimiser", "rmsprop", r"'optimiser' must be one of 'sgd', 'adam'"),
+        ("learning_rate", 0, r"'learning_rate' must be a finite number > 0"),
+        ("learning_rate", float("inf"), r"'learning_rate' must be a finite number > 0"),
+        ("learning_rate", "0.1", r"'learning_rate' must be a finite number > 0"),
+        ("momentum", 1.0, r"'momentum' must be a number in \[0, 1\)"),
+        ("momentum", -0.1, r"'momentum' must be a number in \[0, 1\)"),
+        ("weight_decay", -1e-4, r"'weight_decay' must be a finite number >= 0"),
+        ("rounds", 0, r"'rounds' must be an integer >= 1"),
+        ("quorum", 0, r"'quorum' must be an integer >= 1"),
+        ("min_sites", 1, r"'min_sites' must be an integer >= quorum \(2\)"),
+        ("min_sites", "3", r"'min_sites' must be an integer >= 2"),
+        ("round_deadline_s", 0, r"'round_deadline_s' must be a finite number > 0"),
+        ("seed", -1, r"'seed' must be an integer from 0 to 9223372036854775807"),
+        ("seed", 2**63, r"'seed' must be an integer from 0"),
+        ("aggregation", "fedadam", r"'aggregation' must be one of 'fedavg'"),
+        ("weighting", "sites", r"'weighting' must be one of 'samples', 'uniform'"),
+        ("max_update_norm", 0.0, r"'max_update_norm' must be null or a finite number > 0"),
+        ("max_update_norm", "big", r"'max_update_norm' must be null or a finite number > 0"),
+    ],
+)
+def test_invalid_field_is_refused_with_its_name(field: str, value: Any, match: str) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(_plan_dict(**{field: value}))
+    assert info.value.code == "plan.invalid"
+    assert info.value.fields["field"] == field
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(PlanError, match=r"Unknown architecture 'vit'.*small_cnn v1") as info:
+        TrainingPlan.from_dict(_plan_dict(architecture="vit"))
+    assert info.value.code == "plan.unknown_architecture"
+
+
+def test_unknown_and_missing_keys_are_named() -> None:
+    with pytest.raises(PlanError, match=r"Unknown plan field\(s\) 'epochs', 'lr'\. Allowed"):
+        TrainingPlan.from_dict(_plan_dict(epochs=3, lr=0.1))
+    data = _plan_dict()
+    del data["seed"], data["rounds"]
+    with pytest.raises(PlanError, match=r"missing required field\(s\) 'rounds', 'seed'"):
+        TrainingPlan.from_dict(data)
+    with pytest.raises(PlanError, match=r"A plan must be a JSON object, got list"):
+        TrainingPlan.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_plan_and_its_preprocessing_are_immutable() -> None:
+    plan = demo_plan()
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'rounds'"):
+        plan.rounds = 9  # type: ignore[misc]
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        plan.preprocessing["normalise"] = "none"  # type: ignore[index]
+    assert plan.preprocessing == {"normalise": "zscore"}
+
+
+def test_load_plan(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(demo_plan().to_dict()), encoding="utf-8")
+    assert load_plan(path) == demo_plan()
+
+
+def test_load_plan_errors(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"Cannot read plan file .*missing\.json") as info:
+        load_plan(tmp_path / "missing.json")
+    assert info.value.code == "plan.unreadable"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(PlanError, match=r"bad\.json' is not valid UTF-8 JSON"):
+        load_plan(bad)
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps(_plan_dict(learning_rate=float("nan"))), encoding="utf-8")
+    with pytest.raises(PlanError, match="NaN is not valid JSON"):
+        load_plan(nan)

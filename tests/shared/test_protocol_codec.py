@@ -1,0 +1,470 @@
+"""Codec: round trip of every message type, rejection codes, and "decode raises only ours"."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.errors import LocalProtocolError, RemoteProtocolError
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    Authenticate,
+    Challenge,
+    Chunk,
+    ChunkAck,
+    Enrol,
+    ErrorMessage,
+    Limits,
+    Message,
+    RoundDecline,
+    RoundInvite,
+    RunFinished,
+    TransferAccept,
+    TransferOffer,
+    UpdateAccepted,
+    UpdateOffer,
+    Welcome,
+    decode,
+    encode,
+)
+from shared.protocol.messages import MESSAGE_TYPES
+
+DECODE_CODES = {
+    "protocol.malformed",
+    "protocol.version",
+    "protocol.too_large",
+    "protocol.unknown_type",
+    "protocol.schema",
+}
+HEX = "ab" * 32
+OFFER = {"transfer_id": "model-1", "size": 10, "sha256": HEX, "chunk_size": 4}
+
+
+def frame(header: bytes | dict[str, Any], payload: bytes = b"", *, version: int = 1) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack(">3sBI", b"TSR", version, len(raw)) + raw + payload
+
+
+def header_of(message: Message) -> dict[str, Any]:
+    return {"type": message.TYPE, "id": "m", "body": message.body()}
+
+
+def with_body(message: Message, **changes: Any) -> dict[str, Any]:
+    header = header_of(message)
+    header["body"].update(changes)
+    return header
+
+
+# --- strategies: valid messages ---------------------------------------------------------
+
+idents = st.from_regex(r"[A-Za-z0-9_.:\-]{1,24}", fullmatch=True)
+hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
+texts = st.text(max_size=40)  # unicode, including astral-plane characters
+
+
+def sized_text(lo: int, hi: int) -> st.SearchStrategy[str]:
+    return st.text(min_size=lo, max_size=hi)
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | finite | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=10,
+)
+offers = st.builds(
+    TransferOffer,
+    transfer_id=idents,
+    size=st.integers(0, 1 << 40),
+    sha256=hex64,
+    chunk_size=st.integers(1, 1 << 24),
+).map(TransferOffer.body)
+rounds = st.integers(1, 10_000)
+
+STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
+    Challenge: st.builds(Challenge, nonce=sized_text(16, 128), federation=texts),
+    Enrol: st.builds(
+        Enrol,
+        token=sized_text(1, 256),
+        site_name=sized_text(1, 200),
+        public_key=sized_text(1, 128),
+        signature=texts,
+    ),
+    Authenticate: st.builds(Authenticate, site_id=idents, signature=texts),
+    Welcome: st.builds(
+        Welcome, site_id=idents, site_name=texts, coordinator_key=texts, federation=texts
+    ),
+    ErrorMessage: st.builds(
+        ErrorMessage,
+        code=sized_text(1, 64),
+        message=texts,
+        ref=st.none() | texts,
+        fatal=st.booleans(),
+    ),
+    TransferAccept: st.builds(TransferAccept, transfer_id=idents, next_index=st.integers(0)),
+    Chunk: st.builds(
+        Chunk, transfer_id=idents, index=st.integers(0), payload=st.binary(max_size=64)
+    ),
+    ChunkAck: st.builds(ChunkAck, transfer_id=idents, next_index=st.integers(0)),
+    RoundInvite: st.builds(
+        RoundInvite,
+        run_id=idents,
+        round=rounds,
+        plan=st.dictionaries(texts, json_values, max_size=4),
+        plan_hash=hex64,
+        plan_signature=texts,
+        model=offers,
+        model_signature=texts,
+        deadline_s=st.floats(0, 1e9, exclude_min=True) | st.integers(1, 10**6),
+    ),
+    UpdateOffer: st.builds(
+        UpdateOffer,
+        run_id=idents,
+        round=rounds,
+        base_model=hex64,
+        update=offers,
+        num_samples=st.integers(1, 10**9),
+        train_loss=finite,
+        signature=texts,
+    ),
+    UpdateAccepted: st.builds(UpdateAccepted, run_id=idents, round=rounds, sha256=hex64),
+    RoundDecline: st.builds(
+        RoundDecline, run_id=idents, round=rounds, code=sized_text(1, 64), reason=texts
+    ),
+    RunFinished: st.builds(
+        RunFinished, run_id=idents, rounds=st.integers(0, 10_000), final_model=hex64
+    ),
+}
+messages = st.one_of(*STRATEGIES.values())
+
+
+def test_every_message_type_has_a_strategy() -> None:
+    assert set(STRATEGIES) == set(MESSAGE_TYPES.values())
+
+
+@pytest.mark.parametrize("cls", list(STRATEGIES), ids=lambda cls: cls.TYPE)
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_round_trip(cls: type[Message], data: st.DataObject) -> None:
+    message = data.draw(STRATEGIES[cls])
+    frame_bytes = encode(message)
+    assert decode(frame_bytes) == message
+    assert decode(bytearray(frame_bytes)) == message
+    assert decode(memoryview(frame_bytes)) == message
+
+
+def test_golden_bytes() -> None:
+    ack = encode(ChunkAck(transfer_id="t1", next_index=3), message_id="m1")
+    assert ack == (
+        b'TSR\x01\x00\x00\x00I{"type":"chunk_ack","id":"m1",'
+        b'"body":{"transfer_id":"t1","next_index":3}}'
+    )
+    chunk = encode(Chunk(transfer_id="t1", index=2, payload=b"\x00\xffab"), message_id="m2")
+    assert chunk == (
+        b'TSR\x01\x00\x00\x00@{"type":"chunk","id":"m2","body":{"transfer_id":"t1","index":2}}'
+        b"\x00\xffab"
+    )
+    error = encode(ErrorMessage(code="x.y", message="h\u00e9llo \u2713"), message_id="m3")
+    assert error == (
+        b'TSR\x01\x00\x00\x00g{"type":"error","id":"m3","body":{"code":"x.y",'
+        b'"message":"h\\u00e9llo \\u2713","ref":null,"fatal":false}}'
+    )
+    assert PROTOCOL_VERSION == 1
+
+
+def test_message_ids_are_fresh_unless_given() -> None:
+    ack = ChunkAck(transfer_id="t1", next_index=0)
+    assert encode(ack) != encode(ack)
+    assert encode(ack, message_id="x") == encode(ack, message_id="x")
+
+
+# --- malformed frames -------------------------------------------------------------------
+
+
+def assert_rejected(data: bytes, code: str, match: str, limits: Limits | None = None) -> None:
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        decode(data) if limits is None else decode(data, limits)
+    assert info.value.code == code
+
+
+GOOD = header_of(ChunkAck(transfer_id="t1", next_index=0))
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "shorter than its header"),
+        (b"TSR\x01\x00\x00", "shorter than its header"),
+        (b"XYZ\x01\x00\x00\x00\x02{}", "not a Tessera frame"),
+        (b"tsr\x01\x00\x00\x00\x02{}", "not a Tessera frame"),
+        (b"TSR\x01\x00\x00\x00\x10{}", "truncated"),
+        (frame(json.dumps(GOOD).encode())[:-1], "truncated"),
+        (frame(b"{not json"), "not valid JSON"),
+        (frame(b""), "not valid JSON"),
+        (frame(b"\xff\xfe{}"), "not valid JSON"),
+        (
+            frame(b'{"type":"chunk_ack","id":"m","body":{"transfer_id":"t","next_index":NaN}}'),
+            "JSON",
+        ),
+        (frame(b'{"a":Infinity}'), "not valid JSON"),
+        (frame(b"[1, 2]"), "wrong shape"),
+        (frame(b'"chunk_ack"'), "wrong shape"),
+        (frame(b"null"), "wrong shape"),
+        (frame({**GOOD, "extra": 1}), "wrong shape"),
+        (frame({"type": "chunk_ack", "id": "m"}), "wrong shape"),
+        (frame({"type": "chunk_ack", "body": {}}), "wrong shape"),
+        (frame({**GOOD, "type": 7}), "wrong shape"),
+        (frame({**GOOD, "id": None}), "wrong shape"),
+        (frame({**GOOD, "body": []}), "wrong shape"),
+    ],
+)
+def test_malformed_frames(data: bytes, match: str) -> None:
+    assert_rejected(data, "protocol.malformed", match)
+
+
+def test_out_of_range_float_is_rejected() -> None:
+    # 1e999 parses to infinity, which could never be encoded again.
+    invite = RoundInvite(
+        run_id="r",
+        round=1,
+        plan={},
+        plan_hash=HEX,
+        plan_signature="s",
+        model=OFFER,
+        model_signature="s",
+        deadline_s=5.0,
+    )
+    raw = json.dumps(header_of(invite)).encode().replace(b"5.0", b"1e999")
+    assert_rejected(frame(raw), "protocol.malformed", "not valid JSON")
+    nested = json.dumps(with_body(invite, plan={"lr": 5.0})).encode()
+    assert_rejected(frame(nested.replace(b"5.0", b"-1e999")), "protocol.malformed", "JSON")
+
+
+@pytest.mark.parametrize("name", ["nope", "", "transfer_offer", "Chunk", "__class__"])
+def test_unknown_type(name: str) -> None:
+    assert_rejected(
+        frame({"type": name, "id": "m", "body": {}}), "protocol.unknown_type", "unknown message"
+    )
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_wrong_version(version: int) -> None:
+    data = frame(GOOD, version=version)
+    assert_rejected(data, "protocol.version", f"version {version} is not supported")
+
+
+def test_size_limits() -> None:
+    limits = Limits(max_header_bytes=100, max_payload_bytes=8)
+    fits = Chunk(transfer_id="t", index=0, payload=b"x" * 8)
+    assert decode(encode(fits), limits) == fits
+    too_big = Chunk(transfer_id="t", index=0, payload=b"x" * 9)
+    assert_rejected(encode(too_big), "protocol.too_large", "payload is too large", limits)
+    long_header = ErrorMessage(code="c", message="m" * 100)
+    assert_rejected(encode(long_header), "protocol.too_large", "header is too large", limits)
+    # A huge declared header length is refused before the (missing) bytes are awaited.
+    lying = struct.pack(">3sBI", b"TSR", 1, 2**32 - 1) + b"{}"
+    assert_rejected(lying, "protocol.too_large", "header is too large", limits)
+    assert_rejected(lying, "protocol.too_large", "header is too large")
+
+
+# --- schema -----------------------------------------------------------------------------
+
+ACK = ChunkAck(transfer_id="t1", next_index=0)
+CHUNK = Chunk(transfer_id="t1", index=0, payload=b"abc")
+UPDATE = UpdateOffer(
+    run_id="run-1",
+    round=1,
+    base_model=HEX,
+    update=OFFER,
+    num_samples=3,
+    train_loss=0.5,
+    signature="sig",
+)
+INVITE = RoundInvite(
+    run_id="run-1",
+    round=2,
+    plan={"lr": 0.1},
+    plan_hash=HEX,
+    plan_signature="s",
+    model=OFFER,
+    model_signature="s",
+    deadline_s=60.0,
+)
+
+
+def _without(message: Message, key: str) -> dict[str, Any]:
+    header = header_of(message)
+    del header["body"][key]
+    return header
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "match"),
+    [
+        (_without(ACK, "next_index"), b"", r"\['next_index'\] are missing or not allowed"),
+        (with_body(ACK, extra=1), b"", r"\['extra'\] are missing or not allowed"),
+        (with_body(CHUNK, payload="abc"), b"abc", "not allowed"),
+        (with_body(ACK, next_index="0"), b"", "next_index has the wrong type"),
+        (with_body(ACK, next_index=True), b"", "next_index has the wrong type"),
+        (with_body(ACK, next_index=1.0), b"", "next_index has the wrong type"),
+        (with_body(ACK, next_index=None), b"", "next_index has the wrong type"),
+        (with_body(ACK, transfer_id=7), b"", "transfer_id has the wrong type"),
+        (with_body(CHUNK, index=-1), b"abc", "index must be >= 0"),
+        (with_body(ACK, next_index=-5), b"", "next_index must be >= 0"),
+        (with_body(ACK, transfer_id="a b"), b"", "transfer_id must be"),
+        (with_body(ACK, transfer_id="t1\n"), b"", "transfer_id must be"),
+        (with_body(ACK, transfer_id=""), b"", "transfer_id must be"),
+        (with_body(ACK, transfer_id="x" * 129), b"", "transfer_id must be"),
+        (header_of(ACK), b"payload", "carries no binary payload"),
+        (with_body(UPDATE, train_loss=True), b"", "train_loss has the wrong type"),
+        (with_body(UPDATE, train_loss="0.5"), b"", "train_loss has the wrong type"),
+        (with_body(UPDATE, train_loss=10**400), b"", "train_loss has the wrong type"),
+        (with_body(UPDATE, base_model=HEX.upper()), b"", "lower-case hex SHA-256"),
+        (with_body(UPDATE, base_model=HEX[:-1]), b"", "lower-case hex SHA-256"),
+        (with_body(UPDATE, base_model=HEX + "\n"), b"", "lower-case hex SHA-256"),
+        (with_body(UPDATE, base_model=HEX + "00"), b"", "lower-case hex SHA-256"),
+        (with_body(UPDATE, num_samples=0), b"", "num_samples must be >= 1"),
+        (with_body(UPDATE, update=[]), b"", "update has the wrong type"),
+        (with_body(UPDATE, update={**OFFER, "sha256": "zz"}), b"", "transfer sha256"),
+        (with_body(UPDATE, update={**OFFER, "size": -1}), b"", "size must be >= 0"),
+        (with_body(UPDATE, update={**OFFER, "chunk_size": 0}), b"", "chunk_size must be > 0"),
+        (with_body(UPDATE, update={**OFFER, "size": True}), b"", "size has the wrong type"),
+        (with_body(UPDATE, update={**OFFER, "x": 1}), b"", r"\['x'\] are missing"),
+        (with_body(INVITE, model={}), b"", "are missing or not allowed"),
+        (with_body(INVITE, round=0), b"", "round must be >= 1"),
+        (with_body(INVITE, deadline_s=0), b"", "deadline_s must be > 0"),
+        (with_body(INVITE, plan=[1]), b"", "plan has the wrong type"),
+        (with_body(ErrorMessage(code="c", message="m"), fatal=0), b"", "fatal has the wrong"),
+        (with_body(ErrorMessage(code="c", message="m"), ref=1), b"", "ref has the wrong type"),
+        (with_body(ErrorMessage(code="c", message="m"), code=""), b"", "code has the wrong"),
+        (with_body(Challenge(nonce="n" * 16, federation="f"), nonce="short"), b"", "nonce"),
+        (
+            with_body(UpdateAccepted(run_id="r", round=1, sha256=HEX), round=-1),
+            b"",
+            "round must be >= 1",
+        ),
+        (
+            with_body(RunFinished(run_id="r", rounds=1, final_model=HEX), run_id="../x"),
+            b"",
+            "run_id must be",
+        ),
+    ],
+)
+def test_schema_violations(header: dict[str, Any], payload: bytes, match: str) -> None:
+    assert_rejected(frame(header, payload), "protocol.schema", match)
+
+
+def test_invalid_messages_cannot_be_built() -> None:
+    with pytest.raises(RemoteProtocolError, match="index must be >= 0") as info:
+        Chunk(transfer_id="t", index=-1)
+    assert info.value.code == "protocol.schema"
+    with pytest.raises(RemoteProtocolError, match="hex SHA-256") as info:
+        UpdateAccepted(run_id="r", round=1, sha256="A" * 64)
+    assert info.value.code == "protocol.schema"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_float_cannot_be_encoded(bad: float) -> None:
+    message = UpdateOffer(
+        run_id="r",
+        round=1,
+        base_model=HEX,
+        update=OFFER,
+        num_samples=1,
+        train_loss=bad,
+        signature="s",
+    )
+    with pytest.raises(LocalProtocolError, match="cannot encode update_offer") as info:
+        encode(message)
+    assert info.value.code == "protocol.local"
+    with pytest.raises(LocalProtocolError, match="cannot encode round_invite") as info:
+        encode(with_plan(bad))
+    assert info.value.code == "protocol.local"
+
+
+def with_plan(value: float) -> RoundInvite:
+    return RoundInvite(
+        run_id="r",
+        round=1,
+        plan={"lr": value},
+        plan_hash=HEX,
+        plan_signature="s",
+        model=OFFER,
+        model_signature="s",
+        deadline_s=1.0,
+    )
+
+
+# --- decode raises only RemoteProtocolError ---------------------------------------------
+
+
+def decode_or_reject(data: bytes, limits: Limits | None = None) -> None:
+    try:
+        message = decode(data) if limits is None else decode(data, limits)
+    except RemoteProtocolError as exc:
+        assert exc.code in DECODE_CODES
+        assert type(exc) is RemoteProtocolError
+    else:
+        assert isinstance(message, Message)
+        assert decode(encode(message)) == message  # what decodes can be re-encoded
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_decode_arbitrary_bytes(data: bytes) -> None:
+    decode_or_reject(data)
+    decode_or_reject(b"TSR" + data)
+    decode_or_reject(b"TSR\x01" + data)
+
+
+@given(header=st.binary(max_size=200), payload=st.binary(max_size=20))
+@settings(max_examples=300, deadline=None)
+def test_decode_valid_prefix_arbitrary_header(header: bytes, payload: bytes) -> None:
+    decode_or_reject(frame(header, payload))
+    decode_or_reject(frame(header, payload), Limits(max_header_bytes=50, max_payload_bytes=10))
+
+
+json_objects = st.dictionaries(texts, json_values, max_size=5)
+type_names = st.sampled_from(sorted(MESSAGE_TYPES)) | texts
+
+
+@given(
+    header=json_objects
+    | st.fixed_dictionaries(
+        {"type": type_names, "id": texts, "body": json_objects},
+        optional={"extra": json_values},
+    ),
+    payload=st.binary(max_size=10),
+)
+@settings(max_examples=300, deadline=None)
+def test_decode_arbitrary_json_header(header: dict[str, Any], payload: bytes) -> None:
+    decode_or_reject(frame(header, payload))
+
+
+@given(message=messages, data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_decode_mutated_valid_messages(message: Message, data: st.DataObject) -> None:
+    """A valid message with one body field swapped for an arbitrary JSON value."""
+    header = header_of(message)
+    key = data.draw(st.sampled_from(sorted(header["body"])))
+    header["body"][key] = data.draw(json_values)
+    decode_or_reject(frame(header, message.payload_bytes))
+    # Nested offers too.
+    for name in ("model", "update"):
+        if name in header["body"] and isinstance(header["body"][name], dict):
+            offer = dict(header["body"][name])
+            sub = data.draw(st.sampled_from(sorted(offer) or ["x"]))
+            offer[sub] = data.draw(json_values)
+            header["body"][name] = offer
+            decode_or_reject(frame(header))
+
+
+def test_deeply_nested_header_is_rejected() -> None:
+    deep = b'{"type":"round_invite","id":"m","body":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert_rejected(frame(deep), "protocol.malformed", "not valid JSON")
