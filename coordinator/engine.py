@@ -127,7 +127,10 @@ class RoundEngine:
             return []
         state = self.open
         if state is None:
-            if len(self.online) < self.min_sites or now < self._not_before:
+            if now < self._not_before:
+                return []
+            self._not_before = float("-inf")  # the wait is over: nothing left to wake up for
+            if len(self.online) < self.min_sites:
                 return []
             selected = set(self.online) | self._carried
             self.open = RoundState(
@@ -177,7 +180,9 @@ class RoundEngine:
         """Aggregation could not be done (e.g. a disk error): retry the round."""
         if self.open is None or self.open.round != rnd:
             return []
-        self._carried = set()
+        # The updates stay stored, and the server does not report a re-sent stored update
+        # again, so the next attempt must count them itself.
+        self._carried = set(self.open.reported)
         self.open = None
         self._not_before = now + self.retry_delay_s
         return [RetryRound(rnd, reason)]

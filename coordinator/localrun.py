@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,10 +48,12 @@ class LocalFederation:
     def coordinator_dir(self) -> Path:
         return self.root / "coordinator"
 
-    def init(self) -> Federation:
+    def init(self, port: int = 0) -> Federation:
+        """Create the coordinator's data directory. ``port=0`` takes any free port at each
+        start; pass ``free_port()`` for a coordinator that will be restarted."""
         self.root.mkdir(parents=True, exist_ok=True)
         return Federation.init(
-            self.coordinator_dir, CoordinatorConfig(federation=self.federation, port=0)
+            self.coordinator_dir, CoordinatorConfig(federation=self.federation, port=port)
         )
 
     def start_coordinator(self, timeout: float = 30.0) -> int:
@@ -159,6 +162,12 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _slug(name: str) -> str:

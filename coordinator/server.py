@@ -37,7 +37,7 @@ from coordinator.federation import Federation
 from coordinator.store import RunRecord, UpdateRecord
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import server_ssl_context
-from shared.errors import TesseraError
+from shared.errors import TesseraError, TransferError
 from shared.identity.invitation import token_digest
 from shared.plan import TrainingPlan
 from shared.protocol import signed
@@ -372,8 +372,13 @@ class CoordinatorServer:
         elif isinstance(msg, TransferAccept):
             model = self.model
             if model is not None and msg.transfer_id == model.offer.transfer_id:
-                for frame in conn.session.chunks(model.offer, model.data, msg.next_index):
-                    await conn.ws.send(frame)
+                try:
+                    for frame in conn.session.chunks(model.offer, model.data, msg.next_index):
+                        await conn.ws.send(frame)
+                except TransferError as exc:  # a resume index beyond the model's chunks
+                    conn.session.send(
+                        ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE)
+                    )
             else:
                 conn.session.send(
                     ErrorMessage(
@@ -517,6 +522,10 @@ class CoordinatorServer:
                 f"update of {offer.size} bytes is larger than the model allows",
             )
             return
+        previous = conn.uploads.pop(offer.transfer_id, None)
+        if previous is not None:  # the site restarted this upload on the same connection
+            previous.fh.close()
+            conn.session.abandon_transfer(offer.transfer_id)
         path = self.fed.blobs.partial_path(f"{site_id}-{offer.transfer_id}.part")
         have = path.read_bytes() if path.exists() else b""
         try:

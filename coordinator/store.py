@@ -65,6 +65,9 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self._migrate()
 
+    def _t(self, name: str) -> sqlite_utils.db.Table:
+        return self.db.table(name)
+
     def close(self) -> None:
         self.db.conn.close()
 
@@ -78,10 +81,9 @@ class Store:
             raise StorageError(f"database write failed: {exc}", code="storage.write") from exc
 
     def _migrate(self) -> None:
-        db = self.db
         with self.transaction():
-            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            db["invitations"].create(
+            self._t("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self._t("invitations").create(
                 {
                     "token_digest": str,
                     "site_name": str,
@@ -93,17 +95,17 @@ class Store:
                 pk="token_digest",
                 if_not_exists=True,
             )
-            db["sites"].create(
+            self._t("sites").create(
                 {"site_id": str, "name": str, "public_key": str, "enrolled_at": float},
                 pk="site_id",
                 if_not_exists=True,
             )
-            db["plans"].create(
+            self._t("plans").create(
                 {"plan_hash": str, "name": str, "json": str, "signature": str, "added_at": float},
                 pk="plan_hash",
                 if_not_exists=True,
             )
-            db["runs"].create(
+            self._t("runs").create(
                 {
                     "run_id": str,
                     "plan_hash": str,
@@ -116,7 +118,7 @@ class Store:
                 pk="run_id",
                 if_not_exists=True,
             )
-            db["rounds"].create(
+            self._t("rounds").create(
                 {
                     "run_id": str,
                     "round": int,
@@ -134,7 +136,7 @@ class Store:
                 pk=("run_id", "round"),
                 if_not_exists=True,
             )
-            db["updates"].create(
+            self._t("updates").create(
                 {
                     "run_id": str,
                     "round": int,
@@ -148,7 +150,7 @@ class Store:
                 pk=("run_id", "round", "site_id"),
                 if_not_exists=True,
             )
-            db["rejections"].create(
+            self._t("rejections").create(
                 {
                     "id": int,
                     "run_id": str,
@@ -161,39 +163,41 @@ class Store:
                 pk="id",
                 if_not_exists=True,
             )
-            db["events"].create(
+            self._t("events").create(
                 {"id": int, "at": float, "kind": str, "detail": str}, pk="id", if_not_exists=True
             )
-            db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+            self._t("meta").upsert(
+                {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
+            )
 
     # -- meta & log ----------------------------------------------------------------------
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         try:
-            return str(self.db["meta"].get(key)["value"])
+            return str(self._t("meta").get(key)["value"])
         except sqlite_utils.db.NotFoundError:
             return default
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction():
-            self.db["meta"].upsert({"key": key, "value": value}, pk="key")
+            self._t("meta").upsert({"key": key, "value": value}, pk="key")
 
     def log(self, kind: str, now: float, **detail: Any) -> None:
         """Append to the event log. Callers already inside a transaction stay in it."""
-        self.db["events"].insert({"at": now, "kind": kind, "detail": json.dumps(detail)})
+        self._t("events").insert({"at": now, "kind": kind, "detail": json.dumps(detail)})
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         where, args = ("kind = ?", [kind]) if kind else (None, None)
         return [
             {**row, "detail": json.loads(row["detail"])}
-            for row in self.db["events"].rows_where(where, args, order_by="id")
+            for row in self._t("events").rows_where(where, args, order_by="id")
         ]
 
     # -- invitations and sites -----------------------------------------------------------
 
     def add_invitation(self, token_digest: str, site_name: str, now: float, expires_at: float):
         with self.transaction():
-            self.db["invitations"].insert(
+            self._t("invitations").insert(
                 {
                     "token_digest": token_digest,
                     "site_name": site_name,
@@ -208,7 +212,7 @@ class Store:
     def redeem_invitation(self, token_digest: str, public_key: str, now: float) -> SiteRecord:
         """Single use: the token row is marked used in the same transaction as the enrolment."""
         with self.transaction():
-            rows = list(self.db["invitations"].rows_where("token_digest = ?", [token_digest]))
+            rows = list(self._t("invitations").rows_where("token_digest = ?", [token_digest]))
             if not rows:
                 raise InvitationError(
                     "This invitation code is not known to the coordinator. Ask the consortium "
@@ -233,7 +237,7 @@ class Store:
                 public_key=public_key,
                 enrolled_at=now,
             )
-            self.db["sites"].insert(
+            self._t("sites").insert(
                 {
                     "site_id": site.site_id,
                     "name": site.name,
@@ -241,13 +245,13 @@ class Store:
                     "enrolled_at": now,
                 }
             )
-            self.db["invitations"].update(token_digest, {"used_at": now, "site_id": site.site_id})
+            self._t("invitations").update(token_digest, {"used_at": now, "site_id": site.site_id})
             self.log("site_enrolled", now, site_id=site.site_id, name=site.name)
         return site
 
     def site(self, site_id: str) -> SiteRecord | None:
         try:
-            row = self.db["sites"].get(site_id)
+            row = self._t("sites").get(site_id)
         except sqlite_utils.db.NotFoundError:
             return None
         return SiteRecord(row["site_id"], row["name"], row["public_key"], row["enrolled_at"])
@@ -255,14 +259,14 @@ class Store:
     def sites(self) -> list[SiteRecord]:
         return [
             SiteRecord(r["site_id"], r["name"], r["public_key"], r["enrolled_at"])
-            for r in self.db["sites"].rows_where(order_by="enrolled_at")
+            for r in self._t("sites").rows_where(order_by="enrolled_at")
         ]
 
     # -- plans ---------------------------------------------------------------------------
 
     def add_plan(self, plan_hash: str, name: str, plan_json: str, signature: str, now: float):
         with self.transaction():
-            self.db["plans"].upsert(
+            self._t("plans").upsert(
                 {
                     "plan_hash": plan_hash,
                     "name": name,
@@ -276,12 +280,12 @@ class Store:
 
     def plan(self, plan_hash: str) -> dict[str, Any] | None:
         try:
-            return dict(self.db["plans"].get(plan_hash))
+            return dict(self._t("plans").get(plan_hash))
         except sqlite_utils.db.NotFoundError:
             return None
 
     def plans(self) -> list[dict[str, Any]]:
-        return list(self.db["plans"].rows_where(order_by="added_at"))
+        return list(self._t("plans").rows_where(order_by="added_at"))
 
     # -- runs and rounds -----------------------------------------------------------------
 
@@ -295,7 +299,7 @@ class Store:
             created_at=now,
         )
         with self.transaction():
-            self.db["runs"].insert(
+            self._t("runs").insert(
                 {
                     "run_id": run.run_id,
                     "plan_hash": plan_hash,
@@ -311,16 +315,16 @@ class Store:
 
     def run(self, run_id: str) -> RunRecord | None:
         try:
-            r = self.db["runs"].get(run_id)
+            r = self._t("runs").get(run_id)
         except sqlite_utils.db.NotFoundError:
             return None
         return _run(r)
 
     def runs(self) -> list[RunRecord]:
-        return [_run(r) for r in self.db["runs"].rows_where(order_by="created_at")]
+        return [_run(r) for r in self._t("runs").rows_where(order_by="created_at")]
 
     def active_run(self) -> RunRecord | None:
-        rows = list(self.db["runs"].rows_where("status = 'running'", order_by="created_at"))
+        rows = list(self._t("runs").rows_where("status = 'running'", order_by="created_at"))
         return _run(rows[0]) if rows else None
 
     def open_round(
@@ -328,9 +332,9 @@ class Store:
     ) -> int:
         """Open (or re-open, after a failed attempt or a restart) a round. Returns the attempt."""
         with self.transaction():
-            existing = list(self.db["rounds"].rows_where("run_id = ? and round = ?", [run_id, rnd]))
+            existing = list(self._t("rounds").rows_where("run_id = ? and round = ?", [run_id, rnd]))
             attempt = existing[0]["attempt"] + 1 if existing else 1
-            self.db["rounds"].upsert(
+            self._t("rounds").upsert(
                 {
                     "run_id": run_id,
                     "round": rnd,
@@ -358,17 +362,17 @@ class Store:
         return attempt
 
     def round_row(self, run_id: str, rnd: int) -> dict[str, Any] | None:
-        rows = list(self.db["rounds"].rows_where("run_id = ? and round = ?", [run_id, rnd]))
+        rows = list(self._t("rounds").rows_where("run_id = ? and round = ?", [run_id, rnd]))
         return dict(rows[0]) if rows else None
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
         return [
-            dict(r) for r in self.db["rounds"].rows_where("run_id = ?", [run_id], order_by="round")
+            dict(r) for r in self._t("rounds").rows_where("run_id = ?", [run_id], order_by="round")
         ]
 
     def add_update(self, rec: UpdateRecord, signature: str) -> None:
         with self.transaction():
-            self.db["updates"].insert(
+            self._t("updates").insert(
                 {
                     "run_id": rec.run_id,
                     "round": rec.round,
@@ -402,7 +406,7 @@ class Store:
                 r["train_loss"],
                 r["received_at"],
             )
-            for r in self.db["updates"].rows_where(
+            for r in self._t("updates").rows_where(
                 "run_id = ? and round = ?", [run_id, rnd], order_by="site_id"
             )
         ]
@@ -411,7 +415,7 @@ class Store:
         self, run_id: str, rnd: int, site_id: str, code: str, reason: str, now: float
     ) -> None:
         with self.transaction():
-            self.db["rejections"].insert(
+            self._t("rejections").insert(
                 {
                     "run_id": run_id,
                     "round": rnd,
@@ -433,7 +437,7 @@ class Store:
 
     def rejections(self, run_id: str | None = None) -> list[dict[str, Any]]:
         where, args = ("run_id = ?", [run_id]) if run_id else (None, None)
-        return [dict(r) for r in self.db["rejections"].rows_where(where, args, order_by="id")]
+        return [dict(r) for r in self._t("rejections").rows_where(where, args, order_by="id")]
 
     def commit_round(
         self,
@@ -447,7 +451,7 @@ class Store:
     ) -> None:
         """Close a round and move the run on, in one transaction."""
         with self.transaction():
-            self.db["rounds"].update(
+            self._t("rounds").update(
                 (run_id, rnd),
                 {
                     "status": "closed",
@@ -457,7 +461,7 @@ class Store:
                     "mean_loss": mean_loss,
                 },
             )
-            self.db["runs"].update(
+            self._t("runs").update(
                 run_id,
                 {
                     "model_digest": model_out,
@@ -480,7 +484,7 @@ class Store:
 
     def fail_round_attempt(self, run_id: str, rnd: int, reason: str, now: float) -> None:
         with self.transaction():
-            self.db["rounds"].update((run_id, rnd), {"status": "retrying"})
+            self._t("rounds").update((run_id, rnd), {"status": "retrying"})
             self.log("round_retry", now, run_id=run_id, round=rnd, reason=reason)
 
 

@@ -120,7 +120,7 @@ class TrainingPlan:
     weight_decay: float = 0.0
     rounds: int
     quorum: int
-    min_sites: int | None = None  # None means "= quorum"; resolved in __post_init__
+    min_sites: int = 0  # 0 means "= quorum"; resolved in __post_init__, so never 0 after
     round_deadline_s: float
     seed: int
     aggregation: Literal["fedavg"] = "fedavg"
@@ -155,12 +155,14 @@ class TrainingPlan:
         put("weight_decay", decay)
         _check_int("rounds", self.rounds, 1)
         _check_int("quorum", self.quorum, 1)
-        if self.min_sites is None:
-            put("min_sites", self.quorum)
-        elif isinstance(self.min_sites, int) and 1 <= self.min_sites < self.quorum:
-            raise _invalid("min_sites", f"an integer >= quorum ({self.quorum})", self.min_sites)
+        if isinstance(self.min_sites, int) and not isinstance(self.min_sites, bool):
+            if self.min_sites == 0:
+                put("min_sites", self.quorum)
+            elif self.min_sites < self.quorum:
+                allowed = f"an integer >= quorum ({self.quorum}), or 0 for the quorum"
+                raise _invalid("min_sites", allowed, self.min_sites)
         else:
-            _check_int("min_sites", self.min_sites, self.quorum)
+            raise _invalid("min_sites", "an integer >= quorum, or 0 for the quorum", self.min_sites)
         deadline = _float("round_deadline_s", self.round_deadline_s, "a finite number > 0")
         if deadline <= 0:
             raise _invalid("round_deadline_s", "a finite number > 0", self.round_deadline_s)

@@ -12,7 +12,7 @@ folded in as their chunks arrive, and a result that does not depend on arrival o
 bit. Floating-point sums are not associative, so a float accumulator fails the second. We use
 a **fixed-point accumulator modulo 2**32** (one ``int32`` per parameter, wrapping on overflow):
 
-    acc += rint(float(x) * e_k)    (mod 2**32)     e_k = float32(w_k * C)
+    acc += trunc(x * e_k)    (mod 2**32)     e_k = float32(w_k * C)
 
 Integer addition modulo 2**32 is exact, commutative and associative, so any arrival order gives
 the same bits, and it is exactly reversible, so a stream that turns out bad (NaN in its last
@@ -20,29 +20,34 @@ chunk, norm beyond the bound, truncated) is removed by subtracting what it added
 the arithmetic secure aggregation (Bonawitz et al., CCS 2017) uses, so masked updates can later
 be folded into the same accumulator.
 
-Why int32 and not int64: measured on the 2-core reference machine (``python -m
-benchmarks.aggregation``), the per-block kernel is one dot product (validation), one multiply,
-one round-and-convert and one add into the accumulator. With an int64 accumulator the last step
-moves 16 bytes per parameter instead of 8 and the whole pipeline reached about 0.40x memcpy
-bandwidth, below the 0.5x bar; with int32 it reaches about 0.6x, and the accumulator is one
-model's size instead of two.
+Why int32, and why truncation: per block the kernel runs a max and a min reduction (NaN/Inf
+and range in one comparison each; plus one dot product for the norm, only when the accumulator
+has a ``max_norm``), one multiply-and-convert and one add into the accumulator.
+Measured on the 2-core dev machine (numpy, one thread, 1 GB of inputs): with an int64
+accumulator the add moves 16 bytes per parameter instead of 8 and the in-memory kernel reached
+about 0.33-0.41x memcpy bandwidth; with int32 about 0.46-0.5x, and the accumulator is one
+model's size instead of two. Rounding to nearest (``np.rint`` before the conversion) costs one
+more pass over the block (about 10 % of throughput), so the product is truncated toward zero in
+the conversion itself: at most one unit instead of half a unit per contribution, still far
+below float32 resolution at full scale. See ``benchmarks/aggregation.py`` for the end-to-end
+number, which depends on machine load.
 
 Overflow bound. Intermediate sums may wrap; only the true final sum must fit in int32, because
 the int32 value read at the end is the true sum only if ``|true sum| < 2**31``. Every element
 is checked ``|x| <= max_abs`` and the weights are checked ``sum w_k <= max_total_weight``; the
 per-unit-weight scale ``C`` is the largest power of two with
 ``C * max_abs * max_total_weight <= 2**30``. Hence
-``|true sum| <= max_abs * sum e_k + n/2 <= 2**30 * (1 + 2**-24) + n/2 < 2**31`` for any number of
-updates ``n < 2**30``.
+``|true sum| <= max_abs * sum e_k <= 2**30 * (1 + 2**-24) < 2**31`` for any number of updates
+(truncation toward zero never increases a magnitude).
 
 Precision. The result is ``acc / E`` with ``E = sum e_k`` (an exactly rounded sum, order
 independent). Against the exact weighted mean it errs by at most
 
-    n / (2 E)                 rounding each contribution to an integer
+    n / E                     truncating each contribution to an integer
   + 2**-22 * max_abs          float32 rounding of x*e_k, of e_k itself and of the result
 
 which :attr:`FedAvgAccumulator.error_bound` reports. With the weights' total near
-``max_total_weight`` the first term is about ``n * max_abs * 2**-31`` (e.g. 5e-9 for ten sites
+``max_total_weight`` the first term is about ``n * max_abs * 2**-30`` (e.g. 1e-8 for ten sites
 and ``max_abs = 1``). The coordinator should therefore pass the round's planned total weight
 (e.g. the sum of the sites' declared example counts, or 1.0 with weights given as shares); a
 round in which only half of that weight reports has half the precision.
@@ -57,21 +62,25 @@ To undo a stream the data it added must be seen again: the stream keeps referenc
 chunks it folded (no copy when a chunk is ``bytes`` or a view of ``bytes``; a mutable buffer the
 caller may reuse is copied) until :meth:`UpdateStream.finish` or :meth:`UpdateStream.abort`.
 
-Not thread-safe: use one accumulator from one thread (streams may interleave on it).
+Not thread-safe: use one accumulator from one thread (streams may interleave on it). With
+``threads=2`` it runs a helper thread of its own, waited for before each ``feed`` returns.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import queue
 import struct
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from shared.errors import PlanError, UpdateError
 from shared.aggregation.validation import (
     BLOCK,
     TensorLayout,
@@ -79,8 +88,10 @@ from shared.aggregation.validation import (
     check_keys,
     check_norm,
     check_tensor_meta,
-    validate_update,
+    check_update,
+    raise_bad_values,
 )
+from shared.errors import PlanError, UpdateError
 
 _FLOATS = ("float16", "float32", "float64")
 _ST_DTYPES = {
@@ -107,7 +118,12 @@ class FedAvgAccumulator:
     ``max_abs`` bounds every element of every update (``update.range``), ``max_total_weight``
     bounds the sum of the weights (``update.weight``), ``max_norm`` optionally bounds each
     update's L2 norm (``update.norm``). Together they fix the scale and hence the precision:
-    see the module docstring.
+    see the module docstring. The norm is computed only when ``max_norm`` is set.
+
+    ``threads=2`` folds large pieces of a streamed chunk in two threads (bit-identical result).
+    It pays only when a second core is idle: on the shared 2-core dev machine, with other jobs
+    running, it was slower (barrier per chunk while a thread is descheduled), so the default
+    is one thread.
     """
 
     def __init__(
@@ -117,6 +133,7 @@ class FedAvgAccumulator:
         max_abs: float = 16.0,
         max_total_weight: float = 1.0,
         max_norm: float | None = None,
+        threads: int = 1,
     ) -> None:
         for what, v in (("max_abs", max_abs), ("max_total_weight", max_total_weight)):
             if not (math.isfinite(v) and v > 0):
@@ -143,8 +160,10 @@ class FedAvgAccumulator:
         self._effective: list[float] = []  # committed e_k
         self._pending: dict[int, float] = {}  # id(stream) -> reserved weight
         self._tmp32 = np.empty(BLOCK, dtype=np.float32)
-        self._tmp64 = np.empty(BLOCK, dtype=np.float64)
+        self._tmp64 = np.empty(BLOCK, dtype=np.float64)  # result() only
         self._q = np.empty(BLOCK, dtype=np.int32)
+        self.threads = 2 if int(threads) >= 2 and _usable_cpus() >= 2 else 1
+        self._helper: _Helper | None = None  # started on the first piece worth splitting
 
     # --- public API -----------------------------------------------------------------
 
@@ -169,13 +188,19 @@ class FedAvgAccumulator:
             return math.inf
         return self.count / math.fsum(self._effective) + 2.0**-22 * self.max_abs
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> float:
-        """Validate ``update`` and fold it in with ``weight``; return its L2 norm.
+    def add(self, update: Mapping[str, np.ndarray], weight: float) -> float | None:
+        """Validate ``update`` and fold it in with ``weight``.
 
-        Nothing of an invalid update is added: validation runs over the whole update first.
+        Returns the update's L2 norm if this accumulator has a ``max_norm`` (it is computed to
+        enforce the bound), else ``None``: the norm costs a dot product per block, and the
+        coordinator's receipt check (:func:`~shared.aggregation.validate_update`) has already
+        reported it. Nothing of an invalid update is added: validation runs over the whole
+        update first.
         """
         e = self._effective_weight(weight)
-        norm = validate_update(update, self._layout, max_abs=self.max_abs, max_norm=self.max_norm)
+        norm = check_update(
+            update, self._layout, max_abs=self.max_abs, max_norm=self.max_norm, want_norm=False
+        )
         for name, (start, _size) in self._slots.items():
             self._fold(np.ascontiguousarray(update[name]).reshape(-1), start, e, +1)
         self._weights.append(float(weight))
@@ -243,8 +268,14 @@ class FedAvgAccumulator:
             )
         return e
 
+    def _start_helper(self) -> _Helper:
+        if self._helper is None:
+            self._helper = _Helper()
+            weakref.finalize(self, self._helper.close)
+        return self._helper
+
     def _fold(self, x: np.ndarray, start: int, e: np.float32, sign: int) -> None:
-        """acc[start : start + x.size] += sign * rint(x * e), block by block, no checks."""
+        """acc[start : start + x.size] += sign * trunc(x * e), block by block, no checks."""
         op = np.add if sign > 0 else np.subtract
         acc, q = self._acc, self._q
         for i in range(0, x.size, BLOCK):
@@ -261,10 +292,11 @@ class FedAvgAccumulator:
 class UpdateStream:
     """One update arriving as safetensors bytes; created by :meth:`FedAvgAccumulator.begin`.
 
-    ``feed(chunk)`` any number of times, then ``finish()`` to commit (returns the L2 norm) or
-    ``abort()`` to drop. Any :class:`UpdateError` raised by ``feed`` or ``finish`` (bad header,
-    wrong names/shapes/dtypes, NaN/Inf, range, norm, truncated or overlong data) leaves the
-    accumulator exactly as before :meth:`~FedAvgAccumulator.begin`, and closes the stream.
+    ``feed(chunk)`` any number of times, then ``finish()`` to commit (returns the L2 norm, or
+    ``None`` when the accumulator has no ``max_norm``) or ``abort()`` to drop. Any
+    :class:`UpdateError` raised by ``feed`` or ``finish`` (bad header, wrong names/shapes/dtypes,
+    NaN/Inf, range, norm, truncated or overlong data) leaves the accumulator exactly as before
+    :meth:`~FedAvgAccumulator.begin`, and closes the stream.
     Usable as a context manager that aborts unless ``finish()`` was called.
     """
 
@@ -330,8 +362,12 @@ class UpdateStream:
             self._rollback()
             raise
 
-    def finish(self) -> float:
-        """Commit the update; return its L2 norm. Raises if the bytes are incomplete."""
+    def finish(self) -> float | None:
+        """Commit the update. Raises if the bytes are incomplete or the norm is too large.
+
+        Returns the update's L2 norm if the accumulator has a ``max_norm``, else ``None`` (the
+        norm is then not computed; see :meth:`FedAvgAccumulator.add`).
+        """
         self._check_open()
         try:
             if self._state != "complete":
@@ -342,8 +378,10 @@ class UpdateStream:
                     + ". The transfer was cut short; resend the update.",
                     code="update.truncated",
                 )
-            norm = math.sqrt(self._sumsq)
-            check_norm(norm, self._acc.max_norm)
+            norm = None
+            if self._acc.max_norm is not None:
+                norm = math.sqrt(self._sumsq)
+                check_norm(norm, self._acc.max_norm)
         except BaseException:
             self._rollback()
             raise
@@ -435,23 +473,42 @@ class UpdateStream:
         self._state = "data" if pos else "complete"
 
     def _fold_checked(self, name: str, x: np.ndarray, start: int) -> None:
-        """Check each block (NaN/Inf, range) before adding it; count what was added."""
+        """Check each block (NaN/Inf, range; norm if bounded) before adding it; count it.
+
+        A piece of at least ``_SPLIT`` elements is cut in two at a cache-line boundary of the
+        accumulator; the helper thread folds the upper half while this thread folds the lower
+        one (numpy releases the GIL in these loops). The halves touch disjoint slices and
+        integer addition is exact, so the sum is bit-identical to a one-thread fold. If either
+        half fails, what the other folded is subtracted again before the error propagates, so
+        ``_folded`` still counts a prefix of the data (what :meth:`_rollback` undoes).
+        """
         acc = self._acc
-        e, q, a = self._e, acc._q, acc._acc
-        max_abs = acc.max_abs
-        tmp = acc._tmp32
-        isz = x.dtype.itemsize
-        for i in range(0, x.size, BLOCK):
-            xb = x[i : i + BLOCK]
-            m = xb.size
-            qb, ab = q[:m], a[start + i : start + i + m]
-            if isz == 2:  # widen float16 first: exact, and numpy has no fast f16 dot
-                np.copyto(tmp[:m], xb)
-                xb = tmp[:m]
-            self._sumsq += check_block(name, xb, max_abs)
-            np.multiply(xb, e, out=qb, casting="unsafe")  # float product, truncated to int
-            np.add(ab, qb, out=ab)
-            self._folded += m * isz
+        n = x.size
+        a = acc._acc[start : start + n]
+        want_norm = acc.max_norm is not None
+        args = (name, self._e, acc.max_abs, want_norm)
+        h = ((start + n // 2) & ~15) - start  # split index; acc[start + h] starts a cache line
+        if acc.threads < 2 or n < _SPLIT or not 0 < h < n:
+            done, ss, err = _check_and_fold(x, a, *args, acc._q, acc._tmp32)
+            parts = [(0, done)]
+            errors = [err]
+        else:
+            helper = acc._start_helper()
+            helper.submit(x[h:], a[h:], *args, helper.q, helper.tmp)
+            try:
+                done, ss, err = _check_and_fold(x[:h], a[:h], *args, acc._q, acc._tmp32)
+            finally:
+                done_hi, ss_hi, err_hi = helper.result()  # never touch acc while it runs
+            parts = [(0, done), (h, done_hi)]
+            errors = [err, err_hi]
+            ss += ss_hi
+        if any(errors):
+            for off, k in parts:
+                if k:
+                    acc._fold(x[off : off + k], start + off, self._e, -1)
+            raise next(e for e in errors if e is not None)
+        self._sumsq += ss
+        self._folded += n * x.dtype.itemsize
 
     def _rollback(self) -> None:
         if self._state in ("committed", "aborted"):
@@ -473,6 +530,86 @@ class UpdateStream:
         self._folded = 0
         acc._pending.pop(id(self), None)
         self._state = "aborted"
+
+
+_SPLIT = 2 * BLOCK  # smaller pieces are folded by the calling thread alone
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_and_fold(
+    x: np.ndarray,
+    a: np.ndarray,
+    name: str,
+    e: np.float32,
+    max_abs: float,
+    want_norm: bool,
+    q: np.ndarray,
+    tmp: np.ndarray,
+) -> tuple[int, float, BaseException | None]:
+    """``a += trunc(x * e)`` block by block, each block checked first (range, NaN/Inf, and
+    the sum of squares if ``want_norm``).
+
+    Returns (elements folded, sum of squares, the error that stopped it or None): it never
+    raises, so a helper thread can report exactly how far it got.
+    """
+    maximum, minimum, multiply, add = np.maximum.reduce, np.minimum.reduce, np.multiply, np.add
+    neg_max_abs = -max_abs
+    widen = x.dtype.itemsize == 2
+    ss = 0.0
+    i = 0
+    try:
+        for i in range(0, x.size, BLOCK):
+            xb = x[i : i + BLOCK]
+            m = xb.size
+            if widen:  # float16: exact, and numpy has no fast f16 dot
+                np.copyto(tmp[:m], xb)
+                xb = tmp[:m]
+            if want_norm:
+                ss += check_block(name, xb, max_abs)
+            elif not (maximum(xb) <= max_abs and minimum(xb) >= neg_max_abs):  # NaN: False
+                raise_bad_values(name, xb, max_abs)
+            qb = q[:m]
+            multiply(xb, e, out=qb, casting="unsafe")  # float product, truncated to int
+            add(a[i : i + m], qb, out=a[i : i + m])
+    except BaseException as exc:  # handed to the caller, which re-raises it
+        return i, ss, exc
+    return x.size, ss, None
+
+
+class _Helper:
+    """A daemon thread that runs :func:`_check_and_fold` for one accumulator, one call at a time.
+
+    Holds no reference to the accumulator; it stops when the accumulator is collected.
+    """
+
+    def __init__(self) -> None:
+        self.q = np.empty(BLOCK, dtype=np.int32)
+        self.tmp = np.empty(BLOCK, dtype=np.float32)
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, float, BaseException | None]] = queue.SimpleQueue()
+        threading.Thread(
+            target=_serve, args=(self._jobs, self._done), name="fedavg-helper", daemon=True
+        ).start()
+
+    def submit(self, *args: Any) -> None:
+        self._jobs.put(args)
+
+    def result(self) -> tuple[int, float, BaseException | None]:
+        return self._done.get()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _serve(jobs: queue.SimpleQueue[Any], done: queue.SimpleQueue[Any]) -> None:
+    while (args := jobs.get()) is not None:
+        done.put(_check_and_fold(*args))
 
 
 class _Cursor:

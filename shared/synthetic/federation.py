@@ -35,7 +35,7 @@ from shared.synthetic.phantom import random_anatomy, random_lesion, render_densi
 from shared.synthetic.scanners import ScannerProfile, acquire, profile_for_site
 
 #: Images per site when not given; sites past the third cycle through these.
-DEFAULT_IMAGES_PER_SITE: tuple[int, ...] = (200, 160, 240)
+DEFAULT_IMAGES_PER_SITE: tuple[int, ...] = (220, 240, 160)
 DEFAULT_TEST_IMAGES = 300
 DEFAULT_IMAGE_SIZE = 128
 

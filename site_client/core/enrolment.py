@@ -51,6 +51,7 @@ async def enrol(
         ) as ws:
             async for frame in ws:
                 session.receive_frame(frame)
+                closed: Closed | None = None
                 for event in session.events_received():
                     if isinstance(event, MessageReceived):
                         msg = event.message
@@ -77,7 +78,10 @@ async def enrol(
                         elif isinstance(msg, ErrorMessage) and msg.fatal:
                             raise InvitationError(msg.message, code=msg.code)
                     elif isinstance(event, Closed):
-                        raise IdentityError(f"enrolment failed: {event.reason}", code=event.code)
+                        # A peer's fatal error comes after the Closed it causes: report that.
+                        closed = event
+                if closed is not None:
+                    raise IdentityError(f"enrolment failed: {closed.reason}", code=closed.code)
                 for data in session.data_to_send():
                     await ws.send(data)
                 if welcome is not None:

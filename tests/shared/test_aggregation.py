@@ -114,14 +114,53 @@ def test_matches_reference_order_independent_and_bounded(weights, seed, data):
 def test_streaming_in_any_chunks_equals_add(seed, chunk):
     layout = dict(LAYOUT, half=((7, 3), "float16"), double=((5,), "float64"))
     updates = [make_update(seed + i, layout=layout) for i in range(3)]
-    a = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=6.0)
-    b = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=6.0)
+    a = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=6.0, max_norm=1e6)
+    b = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=6.0, max_norm=1e6)
+    c = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=6.0)  # no norm bound
     for i, u in enumerate(updates):
         norm_a = a.add(u, i + 1.0)
         norm_b = stream_in(b, u, i + 1.0, sizes=chunk if i == 0 else None, seed=seed + i)
+        assert norm_a == pytest.approx(validate_update(u, layout), rel=1e-5)
         assert norm_a == pytest.approx(norm_b, rel=1e-5)
-    assert a._acc.tobytes() == b._acc.tobytes()
+        assert stream_in(c, u, i + 1.0, sizes=chunk, seed=seed) is None
+    assert a._acc.tobytes() == b._acc.tobytes() == c._acc.tobytes()
     assert a.result().keys() == b.result().keys()
+
+
+def test_norm_is_computed_only_with_a_norm_bound():
+    u = make_update(4)
+    want = validate_update(u, LAYOUT)
+    unbounded = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=2.0)
+    assert unbounded.add(u, 1.0) is None
+    assert stream_in(unbounded, u, 1.0) is None
+    bounded = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=2.0, max_norm=want * 2)
+    assert bounded.add(u, 1.0) == pytest.approx(want, rel=1e-6)
+    assert stream_in(bounded, u, 1.0) == pytest.approx(want, rel=1e-5)
+    assert unbounded._acc.tobytes() == bounded._acc.tobytes()
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e6])
+def test_two_threads_are_bit_identical_and_roll_back_exactly(max_norm):
+    layout = {"big": ((BLOCK * 5 + 7,), "float32"), "half": ((BLOCK * 2 + 1,), "float16")}
+    updates = [make_update(s, layout=layout) for s in range(3)]
+    one = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=3.0, max_norm=max_norm)
+    two = FedAvgAccumulator(layout, max_abs=1.0, max_total_weight=3.0, max_norm=max_norm, threads=2)
+    assert one.threads == 1 and two.threads == 2
+    for i, u in enumerate(updates[:2]):
+        stream_in(one, u, 1.0, sizes=1 << 20)
+        stream_in(two, u, 1.0, sizes=(1 << 20) + i)
+    assert one._acc.tobytes() == two._acc.tobytes()
+    before = two._acc.copy()
+    for where in (10, BLOCK * 4 + 3):  # a bad value in the lower, then the upper half
+        bad = {n: a.copy() for n, a in updates[2].items()}
+        bad["big"][where] = np.nan
+        with pytest.raises(UpdateError, match="'big' holds NaN") as e:
+            stream_in(two, bad, 1.0, sizes=1 << 22)
+        assert e.value.code == "update.nonfinite"
+        assert two._acc.tobytes() == before.tobytes() and two.count == 2
+    stream_in(one, updates[2], 1.0, sizes=1 << 20)
+    stream_in(two, updates[2], 1.0, sizes=1 << 22)
+    assert one._acc.tobytes() == two._acc.tobytes()
 
 
 def test_tensors_larger_than_a_block_stream_correctly():
@@ -165,7 +204,9 @@ def test_shape_dtype_nonfinite_range_norm_errors():
     cases.append((u, {}, "update.nonfinite", r"'conv.weight' holds infinite"))
     u = make_update(1)
     u["fc.weight"][3, 3] = -5.0
-    cases.append((u, {"max_abs": 2.0}, "update.range", r"'fc.weight'.*magnitude 5, beyond the allowed 2\."))
+    cases.append(
+        (u, {"max_abs": 2.0}, "update.range", r"'fc.weight'.*magnitude 5, beyond the allowed 2\.")
+    )
     cases.append((make_update(1), {"max_norm": 0.5}, "update.norm", r"L2 norm is .* bound 0.5"))
     for update, kw, code, pattern in cases:
         with pytest.raises(UpdateError, match=pattern) as e:
@@ -187,8 +228,11 @@ def test_add_rejects_invalid_update_without_touching_the_sum():
 
 def test_weight_errors():
     acc = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=2.0)
-    for w, pattern in ((0.0, "not a positive"), (float("nan"), "not a positive"),
-                       (2.5, "beyond this accumulator's max_total_weight")):
+    for w, pattern in (
+        (0.0, "not a positive"),
+        (float("nan"), "not a positive"),
+        (2.5, "beyond this accumulator's max_total_weight"),
+    ):
         with pytest.raises(UpdateError, match=pattern) as e:
             acc.add(make_update(1), w)
         assert e.value.code == "update.weight"
@@ -258,13 +302,20 @@ def test_stream_errors_for_keys_shape_dtype_range_norm():
 
 def test_stream_truncated_garbage_and_overlong():
     data = stn.save(make_update(2))
-    _expect_stream_error(data[:-5], "update.truncated", rf"after {len(data) - 5} bytes of {len(data)}")
+    _expect_stream_error(
+        data[:-5], "update.truncated", rf"after {len(data) - 5} bytes of {len(data)}"
+    )
     _expect_stream_error(data[:5], "update.truncated", "inside its header")
-    _expect_stream_error(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!", "update.header",
-                         "not valid UTF-8 JSON", finish=False)
+    _expect_stream_error(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!",
+        "update.header",
+        "not valid UTF-8 JSON",
+        finish=False,
+    )
     _expect_stream_error(b"\xff" * 8, "update.header", "header claims", finish=False)
-    _expect_stream_error(data + b"\x00" * 4, "update.size", "more bytes than its header",
-                         finish=False)
+    _expect_stream_error(
+        data + b"\x00" * 4, "update.size", "more bytes than its header", finish=False
+    )
 
 
 def test_abort_and_context_manager_roll_back():

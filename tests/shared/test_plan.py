@@ -51,6 +51,7 @@ def test_defaults_and_number_forms_are_normalised() -> None:
     del data["min_sites"]
     implicit = TrainingPlan.from_dict(data)
     assert implicit.min_sites == 2
+    assert TrainingPlan.from_dict(_plan_dict(quorum=2, learning_rate=1.0, min_sites=0)) == implicit
     assert isinstance(implicit.learning_rate, float)
     assert implicit.plan_hash == explicit.plan_hash
 
@@ -95,8 +96,10 @@ def test_hash_changes_when_a_field_changes(field: str, value: Any) -> None:
         ("weight_decay", -1e-4, r"'weight_decay' must be a finite number >= 0"),
         ("rounds", 0, r"'rounds' must be an integer >= 1"),
         ("quorum", 0, r"'quorum' must be an integer >= 1"),
-        ("min_sites", 1, r"'min_sites' must be an integer >= quorum \(2\)"),
-        ("min_sites", "3", r"'min_sites' must be an integer >= 2"),
+        ("min_sites", 1, r"'min_sites' must be an integer >= quorum \(2\), or 0 for the quorum"),
+        ("min_sites", -1, r"'min_sites' must be an integer >= quorum \(2\)"),
+        ("min_sites", "3", r"'min_sites' must be an integer >= quorum, or 0 for the quorum"),
+        ("min_sites", None, r"'min_sites' must be an integer >= quorum"),
         ("round_deadline_s", 0, r"'round_deadline_s' must be a finite number > 0"),
         ("seed", -1, r"'seed' must be an integer from 0 to 9223372036854775807"),
         ("seed", 2**63, r"'seed' must be an integer from 0"),
