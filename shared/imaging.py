@@ -209,9 +209,7 @@ def patient_split(
     if not 0.0 <= holdout_fraction < 1.0:
         raise DataError("The hold-out fraction must be in [0, 1).", code="data.split")
     unique = sorted(set(patient_ids))
-    ranked = sorted(
-        unique, key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode()).hexdigest()
-    )
+    ranked = sorted(unique, key=lambda p: hashlib.sha256(f"{seed}\x00{p}".encode()).hexdigest())
     n_hold = round(holdout_fraction * len(unique))
     if holdout_fraction > 0 and len(unique) >= 2:
         n_hold = min(max(n_hold, 1), len(unique) - 1)

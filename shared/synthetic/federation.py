@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from shared.errors import DataError
 from shared.synthetic.phantom import random_anatomy, random_lesion, render_density
@@ -143,12 +143,18 @@ def generate_federation(
     site_data = []
     for i, (profile, n) in enumerate(zip(profiles, sizes, strict=True)):
         name = f"site-{i + 1}"
-        studies = _plan_studies(
-            np.random.default_rng([seed, i, 0]), n, [profile.prevalence], [n]
-        )
+        studies = _plan_studies(np.random.default_rng([seed, i, 0]), n, [profile.prevalence], [n])
         root = out_dir / name
-        _write_set(root, studies, [profile] * n, seed=seed, set_key=name, tag=f"S{i + 1}",
-                   image_size=image_size, institution=f"Synthetic Hospital {i + 1}")
+        _write_set(
+            root,
+            studies,
+            [profile] * n,
+            seed=seed,
+            set_key=name,
+            tag=f"S{i + 1}",
+            image_size=image_size,
+            institution=f"Synthetic Hospital {i + 1}",
+        )
         site_data.append(
             SiteData(
                 name=name,
@@ -172,8 +178,16 @@ def generate_federation(
         shares,
     )
     test_root = out_dir / "test"
-    _write_set(test_root, test_studies, test_profiles, seed=seed, set_key="test", tag="T",
-               image_size=image_size, institution="Synthetic Test Archive")
+    _write_set(
+        test_root,
+        test_studies,
+        test_profiles,
+        seed=seed,
+        set_key="test",
+        tag="T",
+        image_size=image_size,
+        institution="Synthetic Test Archive",
+    )
 
     manifest = FederationManifest(
         root=out_dir,
@@ -241,11 +255,16 @@ def _write_set(
     first_dates: dict[int, dt.date] = {}
     for idx, (study, profile) in enumerate(zip(studies, profiles, strict=True)):
         rng = np.random.default_rng([seed, _stable_hash(set_key), 2, idx])
-        anatomy = random_anatomy(np.random.default_rng([seed, _stable_hash(set_key), 3,
-                                                        study.patient_no]))
+        anatomy = random_anatomy(
+            np.random.default_rng([seed, _stable_hash(set_key), 3, study.patient_no])
+        )
         lesion = (
-            random_lesion(rng, anatomy, radius_range=profile.lesion_radius,
-                          contrast_range=profile.lesion_contrast)
+            random_lesion(
+                rng,
+                anatomy,
+                radius_range=profile.lesion_radius,
+                contrast_range=profile.lesion_contrast,
+            )
             if study.label
             else None
         )
@@ -307,8 +326,8 @@ def _dataset(
 ) -> Dataset:
     """One chest radiograph as a DX (PS3.3 A.26) or CR (PS3.3 A.2) image dataset."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = profile.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(profile.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds = Dataset()

@@ -93,10 +93,17 @@ def lung_masks(anatomy: Anatomy, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Soft masks of the right and left lung fields."""
     x, y = _grid(size)
     s = anatomy.scale
-    right = _ellipse(x, y, -anatomy.lung_dx * s, anatomy.lung_cy, anatomy.lung_rx * s,
-                     anatomy.lung_ry * s)
-    left = _ellipse(x, y, anatomy.lung_dx * s, anatomy.lung_cy + 0.03, anatomy.lung_rx * s * 0.95,
-                    anatomy.lung_ry * s * 0.97)
+    right = _ellipse(
+        x, y, -anatomy.lung_dx * s, anatomy.lung_cy, anatomy.lung_rx * s, anatomy.lung_ry * s
+    )
+    left = _ellipse(
+        x,
+        y,
+        anatomy.lung_dx * s,
+        anatomy.lung_cy + 0.03,
+        anatomy.lung_rx * s * 0.95,
+        anatomy.lung_ry * s * 0.97,
+    )
     return right, left
 
 
