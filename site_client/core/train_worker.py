@@ -20,6 +20,12 @@ import numpy as np
 
 def cache_key(dicom_dir: Path, labels_csv: Path, input_size: int, seed: int) -> str:
     """Changes whenever a file, its size or mtime, the labels or the input size change."""
+    from shared.errors import DataError
+
+    if not labels_csv.is_file():
+        raise DataError(f"The labels file {labels_csv} was not found.", code="data.labels")
+    if not dicom_dir.is_dir():
+        raise DataError(f"The DICOM folder {dicom_dir} was not found.", code="data.folder")
     h = hashlib.sha256(f"v1:{input_size}:{seed}".encode())
     h.update(labels_csv.read_bytes())
     for path in sorted(p for p in dicom_dir.rglob("*") if p.is_file()):
