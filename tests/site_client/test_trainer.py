@@ -84,6 +84,6 @@ def test_cancel_kills_the_training_process(tmp_path: Path, federation) -> None:
 def test_a_failing_job_reports_a_clear_error(tmp_path: Path, federation) -> None:
     job = _job(tmp_path, federation)
     job["labels_csv"] = str(tmp_path / "missing.csv")
-    with pytest.raises(TrainingError, match="missing.csv") as info:
+    with pytest.raises(TrainingError, match=r"missing\.csv") as info:
         asyncio.run(Trainer(tmp_path / "jobs").train("bad", job))
     assert info.value.code.startswith("data.")
