@@ -19,7 +19,7 @@ from shared.synthetic import generate_federation
 
 pytestmark = pytest.mark.e2e
 
-TINY = {"input_size": 32, "batch_size": 16}
+TINY = {"input_size": 32, "batch_size": 16, "local_epochs": 1}
 
 
 def _data(root: Path, sites: int):
