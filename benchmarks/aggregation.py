@@ -37,7 +37,7 @@ SITES = 10
 CHUNK = 1 << 20
 RUNS = 6
 NORM_RUNS = 3
-MAX_ABS = 1.0
+MAX_ABS = 16.0  # the accumulator's default element bound, as the coordinator uses it
 MAX_NORM = 1e3  # a plan's clipping bound, for the informational "with max_norm" line only
 
 

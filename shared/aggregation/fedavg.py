@@ -62,24 +62,27 @@ To undo a stream the data it added must be seen again: the stream keeps referenc
 chunks it folded (no copy when a chunk is ``bytes`` or a view of ``bytes``; a mutable buffer the
 caller may reuse is copied) until :meth:`UpdateStream.finish` or :meth:`UpdateStream.abort`.
 
-Not thread-safe: use one accumulator from one thread (streams may interleave on it). With
-``threads=2`` it runs a helper thread of its own, waited for before each ``feed`` returns.
+Float32 pieces (the common case) are folded with torch, whose kernels use every core
+(intra-op parallelism) without a Python thread hand-off per chunk: on 2 cores that is what
+brings streaming aggregation near memory bandwidth (``benchmarks/aggregation.py``). The
+products and their truncation are IEEE-exact and the sum is integer, so the result is
+bit-identical to the numpy path used for other dtypes and for undoing a stream.
+
+Not thread-safe: use one accumulator from one thread (streams may interleave on it).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import queue
 import struct
-import threading
-import weakref
+import warnings
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
+import torch
 
 from shared.aggregation.validation import (
     BLOCK,
@@ -119,11 +122,6 @@ class FedAvgAccumulator:
     bounds the sum of the weights (``update.weight``), ``max_norm`` optionally bounds each
     update's L2 norm (``update.norm``). Together they fix the scale and hence the precision:
     see the module docstring. The norm is computed only when ``max_norm`` is set.
-
-    ``threads=2`` folds large pieces of a streamed chunk in two threads (bit-identical result).
-    It pays only when a second core is idle: on the shared 2-core dev machine, with other jobs
-    running, it was slower (barrier per chunk while a thread is descheduled), so the default
-    is one thread.
     """
 
     def __init__(
@@ -133,7 +131,6 @@ class FedAvgAccumulator:
         max_abs: float = 16.0,
         max_total_weight: float = 1.0,
         max_norm: float | None = None,
-        threads: int = 1,
     ) -> None:
         for what, v in (("max_abs", max_abs), ("max_total_weight", max_total_weight)):
             if not (math.isfinite(v) and v > 0):
@@ -162,8 +159,7 @@ class FedAvgAccumulator:
         self._tmp32 = np.empty(BLOCK, dtype=np.float32)
         self._tmp64 = np.empty(BLOCK, dtype=np.float64)  # result() only
         self._q = np.empty(BLOCK, dtype=np.int32)
-        self.threads = 2 if int(threads) >= 2 and _usable_cpus() >= 2 else 1
-        self._helper: _Helper | None = None  # started on the first piece worth splitting
+        self._kernel = _TorchKernel()
 
     # --- public API -----------------------------------------------------------------
 
@@ -267,12 +263,6 @@ class FedAvgAccumulator:
                 code="update.weight",
             )
         return e
-
-    def _start_helper(self) -> _Helper:
-        if self._helper is None:
-            self._helper = _Helper()
-            weakref.finalize(self, self._helper.close)
-        return self._helper
 
     def _fold(self, x: np.ndarray, start: int, e: np.float32, sign: int) -> None:
         """acc[start : start + x.size] += sign * trunc(x * e), block by block, no checks."""
@@ -475,38 +465,22 @@ class UpdateStream:
     def _fold_checked(self, name: str, x: np.ndarray, start: int) -> None:
         """Check each block (NaN/Inf, range; norm if bounded) before adding it; count it.
 
-        A piece of at least ``_SPLIT`` elements is cut in two at a cache-line boundary of the
-        accumulator; the helper thread folds the upper half while this thread folds the lower
-        one (numpy releases the GIL in these loops). The halves touch disjoint slices and
-        integer addition is exact, so the sum is bit-identical to a one-thread fold. If either
-        half fails, what the other folded is subtracted again before the error propagates, so
-        ``_folded`` still counts a prefix of the data (what :meth:`_rollback` undoes).
+        If a block fails, what was folded of this piece is subtracted again before the error
+        propagates, so ``_folded`` still counts a prefix of the data (what :meth:`_rollback`
+        undoes).
         """
         acc = self._acc
         n = x.size
         a = acc._acc[start : start + n]
-        want_norm = acc.max_norm is not None
-        args = (name, self._e, acc.max_abs, want_norm)
-        h = ((start + n // 2) & ~15) - start  # split index; acc[start + h] starts a cache line
-        if acc.threads < 2 or n < _SPLIT or not 0 < h < n:
-            done, ss, err = _check_and_fold(x, a, *args, acc._q, acc._tmp32)
-            parts = [(0, done)]
-            errors = [err]
+        args = (name, self._e, acc.max_abs, acc.max_norm is not None)
+        if x.dtype == np.float32 and n >= BLOCK:  # torch's per-call cost pays off on big pieces
+            done, ss, err = acc._kernel.check_and_fold(x, a, *args)
         else:
-            helper = acc._start_helper()
-            helper.submit(x[h:], a[h:], *args, helper.q, helper.tmp)
-            try:
-                done, ss, err = _check_and_fold(x[:h], a[:h], *args, acc._q, acc._tmp32)
-            finally:
-                done_hi, ss_hi, err_hi = helper.result()  # never touch acc while it runs
-            parts = [(0, done), (h, done_hi)]
-            errors = [err, err_hi]
-            ss += ss_hi
-        if any(errors):
-            for off, k in parts:
-                if k:
-                    acc._fold(x[off : off + k], start + off, self._e, -1)
-            raise next(e for e in errors if e is not None)
+            done, ss, err = _check_and_fold(x, a, *args, acc._q, acc._tmp32)
+        if err is not None:
+            if done:
+                acc._fold(x[:done], start, self._e, -1)
+            raise err
         self._sumsq += ss
         self._folded += n * x.dtype.itemsize
 
@@ -530,16 +504,6 @@ class UpdateStream:
         self._folded = 0
         acc._pending.pop(id(self), None)
         self._state = "aborted"
-
-
-_SPLIT = 2 * BLOCK  # smaller pieces are folded by the calling thread alone
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _check_and_fold(
@@ -587,34 +551,56 @@ def _check_and_fold(
     return x.size, ss, None
 
 
-class _Helper:
-    """A daemon thread that runs :func:`_check_and_fold` for one accumulator, one call at a time.
+class _TorchKernel:
+    """``a += trunc(x * e)`` for float32 pieces with torch, block by block, each checked first.
 
-    Holds no reference to the accumulator; it stops when the accumulator is collected.
+    Blocks of ``_TORCH_BLOCK`` elements: large enough for torch to split across cores, small
+    enough to stay in L2. Same contract as :func:`_check_and_fold`.
     """
 
     def __init__(self) -> None:
-        self.q = np.empty(BLOCK, dtype=np.int32)
-        self.tmp = np.empty(BLOCK, dtype=np.float32)
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[int, float, BaseException | None]] = queue.SimpleQueue()
-        threading.Thread(
-            target=_serve, args=(self._jobs, self._done), name="fedavg-helper", daemon=True
-        ).start()
+        self._f = torch.empty(_TORCH_BLOCK, dtype=torch.float32)
+        self._q = torch.empty(_TORCH_BLOCK, dtype=torch.int32)
 
-    def submit(self, *args: Any) -> None:
-        self._jobs.put(args)
+    def check_and_fold(
+        self,
+        x: np.ndarray,
+        a: np.ndarray,
+        name: str,
+        e: np.float32,
+        max_abs: float,
+        want_norm: bool,
+    ) -> tuple[int, float, BaseException | None]:
+        if x.flags.writeable:
+            xt = torch.from_numpy(x)
+        else:
+            with warnings.catch_warnings():  # views of received bytes are read-only; we only
+                warnings.simplefilter("ignore", UserWarning)  # read them
+                xt = torch.from_numpy(x)
+        at = torch.from_numpy(a)
+        factor = float(e)
+        max_abs_sq = max_abs * max_abs
+        ss = 0.0
+        i = 0
+        try:
+            for i in range(0, x.size, _TORCH_BLOCK):
+                xb = xt[i : i + _TORCH_BLOCK]
+                m = xb.numel()
+                sq = float(torch.dot(xb, xb))  # fast path as in _check_and_fold
+                if not sq <= max_abs_sq:
+                    check_range(name, x[i : i + m], max_abs)
+                if want_norm:
+                    ss += sq if math.isfinite(sq) else check_block(name, x[i : i + m], max_abs)
+                f, q = self._f[:m], self._q[:m]
+                torch.mul(xb, factor, out=f)
+                q.copy_(f)  # truncation toward zero, like numpy's unsafe cast
+                at[i : i + m].add_(q)
+        except BaseException as exc:
+            return i, ss, exc
+        return x.size, ss, None
 
-    def result(self) -> tuple[int, float, BaseException | None]:
-        return self._done.get()
 
-    def close(self) -> None:
-        self._jobs.put(None)
-
-
-def _serve(jobs: queue.SimpleQueue[Any], done: queue.SimpleQueue[Any]) -> None:
-    while (args := jobs.get()) is not None:
-        done.put(_check_and_fold(*args))
+_TORCH_BLOCK = 1 << 18
 
 
 class _Cursor:
