@@ -24,7 +24,13 @@ def _toy(n: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _plan(**changes: object) -> TrainingPlan:
-    settings: dict[str, object] = {"input_size": SIZE, "batch_size": 8, "learning_rate": 0.05}
+    settings: dict[str, object] = {
+        "input_size": SIZE,
+        "batch_size": 8,
+        "optimiser": "sgd",
+        "learning_rate": 0.05,
+        "local_epochs": 1,
+    }
     settings.update(changes)
     return demo_plan(**settings)
 
