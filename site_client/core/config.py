@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shared.errors import TesseraError
+from site_client.core.intake.index import SiteIndex, load_or_create_secret
 
 
 class SiteConfigError(TesseraError):
@@ -43,6 +44,20 @@ class SiteDir:
         return self.root / "keys" / "site_ed25519.pem"
 
     @property
+    def index_db(self) -> Path:
+        """The study index (SQLite): what was imported, labels, rejections."""
+        return self.root / "index.db"
+
+    @property
+    def pseudonym_key(self) -> Path:
+        return self.root / "keys" / "pseudonym.key"
+
+    @property
+    def pacs_inbox(self) -> Path:
+        """Where objects pushed from the PACS are written before they are imported."""
+        return self.root / "pacs"
+
+    @property
     def models(self) -> Path:
         return self.root / "cache" / "models"
 
@@ -68,6 +83,11 @@ class SiteDir:
             self.jobs,
         ):
             path.mkdir(parents=True, exist_ok=True)
+
+    def open_index(self) -> SiteIndex:
+        """The study index; works before enrolment (import may come first)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return SiteIndex(self.index_db, load_or_create_secret(self.pseudonym_key))
 
     def is_enrolled(self) -> bool:
         return self.config_file.is_file()

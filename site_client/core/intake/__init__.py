@@ -1,0 +1,1 @@
+"""DICOM intake at the site: index, folder import, PACS receiver, labels, dataset cache."""

@@ -1,0 +1,343 @@
+"""The site's study index: patients, studies, series and instances in SQLite (sqlite-utils).
+
+Data minimisation (PS3.15 Annex E, basic profile, as the guide): the index keeps only what
+import, labelling and splitting need. No patient names, birth dates, addresses, physicians or
+dates are stored; PatientID and AccessionNumber are replaced by keyed pseudonyms
+(HMAC-SHA256 with a secret that never leaves the site), so labels keyed by either can still be
+matched by hashing the CSV's values with the same key. UIDs are kept: they identify objects,
+not people, and labels and re-imports need them; they stay on this machine like the files.
+
+Writes are one transaction per batch (``record_batch``), so an interrupted import leaves a
+consistent index and the next import picks up the files it had not reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from shared.errors import StorageError
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InstanceRecord:
+    """One indexed image object: where it is, what it is, never who it shows."""
+
+    sop_uid: str
+    path: str  # absolute
+    size: int
+    mtime_ns: int
+    sop_class_uid: str
+    patient_key: str  # pseudonym of PatientID
+    study_uid: str
+    series_uid: str
+    accession_key: str  # pseudonym of AccessionNumber ("" when absent)
+    modality: str
+    body_part: str
+    manufacturer: str
+    model: str
+    rows: int
+    columns: int
+    frames: int
+    pixel_spacing: str  # "row\\col" in mm, as in the header ("" when absent)
+    bits_stored: int
+    photometric: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    path: str
+    code: str  # stable: data.not_dicom, data.truncated, data.no_pixels, ...
+    reason: str  # plain language, no patient data
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFile:
+    size: int
+    mtime_ns: int
+    sop_uid: str | None  # None: rejected last time
+
+
+_INSTANCE_COLUMNS = {f.name: f.type for f in fields(InstanceRecord)}
+_SQL_TYPES = {"str": str, "int": int}
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The site's pseudonymisation key: 32 random bytes in a 0600 file, made once."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    return secret
+
+
+class SiteIndex:
+    def __init__(self, path: Path, secret: bytes) -> None:
+        self.path = path
+        self._secret = secret
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: consistent after a crash
+            conn.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot open the study index {path}: {exc}", code="storage.open"
+            ) from exc
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def table(self, name: str) -> sqlite_utils.db.Table:
+        return self.db.table(name)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        try:
+            with self.db.conn:
+                self.db.conn.execute("BEGIN IMMEDIATE")
+                yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"study index write failed: {exc}", code="storage.write") from exc
+
+    def pseudonym(self, value: str, kind: str) -> str:
+        """Keyed pseudonym of an identifier (``kind``: "patient", "accession"); "" stays ""."""
+        if not value:
+            return ""
+        mac = hmac.new(self._secret, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            self.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            self.table("patients").create(
+                {"patient_key": str}, pk="patient_key", if_not_exists=True
+            )
+            self.table("studies").create(
+                {"study_uid": str, "patient_key": str, "accession_key": str},
+                pk="study_uid",
+                if_not_exists=True,
+            )
+            self.table("series").create(
+                {
+                    "series_uid": str,
+                    "study_uid": str,
+                    "modality": str,
+                    "body_part": str,
+                    "manufacturer": str,
+                    "model": str,
+                },
+                pk="series_uid",
+                if_not_exists=True,
+            )
+            self.table("instances").create(
+                {
+                    k: _SQL_TYPES[v if isinstance(v, str) else v.__name__]
+                    for k, v in _INSTANCE_COLUMNS.items()
+                },
+                pk="sop_uid",
+                if_not_exists=True,
+            )
+            self.table("instances").create_index(["path"], unique=True, if_not_exists=True)
+            self.table("instances").create_index(["study_uid"], if_not_exists=True)
+            self.table("instances").create_index(["patient_key"], if_not_exists=True)
+            self.table("rejections").create(
+                {
+                    "path": str,
+                    "size": int,
+                    "mtime_ns": int,
+                    "code": str,
+                    "reason": str,
+                    "run_id": str,
+                },
+                pk="path",
+                if_not_exists=True,
+            )
+            self.table("import_runs").create(
+                {
+                    "run_id": str,
+                    "root": str,
+                    "started_at": float,
+                    "finished_at": float,
+                    "status": str,
+                    "counts": str,
+                },
+                pk="run_id",
+                if_not_exists=True,
+            )
+            self.table("meta").upsert({"key": "schema_version", "value": "1"}, pk="key")
+
+    # -- import ----------------------------------------------------------------------------
+
+    def known_files(self) -> dict[str, KnownFile]:
+        """Every path seen before, indexed or rejected, with the size and mtime then."""
+        known = {
+            r["path"]: KnownFile(r["size"], r["mtime_ns"], r["sop_uid"])
+            for r in self.db.query("select path, size, mtime_ns, sop_uid from instances")
+        }
+        for r in self.db.query("select path, size, mtime_ns from rejections"):
+            known.setdefault(r["path"], KnownFile(r["size"], r["mtime_ns"], None))
+        return known
+
+    def start_run(self, root: str, now: float) -> str:
+        run_id = uuid.uuid4().hex[:12]
+        with self.transaction():
+            self.table("import_runs").insert(
+                {
+                    "run_id": run_id,
+                    "root": root,
+                    "started_at": now,
+                    "finished_at": None,
+                    "status": "running",
+                    "counts": "{}",
+                }
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, counts: dict[str, int], now: float) -> None:
+        with self.transaction():
+            self.table("import_runs").update(
+                run_id, {"finished_at": now, "status": status, "counts": json.dumps(counts)}
+            )
+
+    def record_batch(
+        self,
+        records: Iterable[InstanceRecord],
+        rejections: Iterable[tuple[Rejection, int, int]],
+        run_id: str,
+    ) -> None:
+        """One transaction: index ``records``, note ``rejections`` (with size, mtime_ns).
+
+        A path that moves from rejected to indexed (or back) leaves the other table.
+        """
+        records = list(records)
+        rejections = list(rejections)
+        with self.transaction():
+            if records:
+                paths = [r.path for r in records]
+                self._delete_paths("rejections", paths)
+                # a file replaced by another object at the same path: drop the old row
+                self._delete_paths("instances", paths)
+                self.table("patients").upsert_all(
+                    [{"patient_key": r.patient_key} for r in records], pk="patient_key"
+                )
+                self.table("studies").upsert_all(
+                    [
+                        {
+                            "study_uid": r.study_uid,
+                            "patient_key": r.patient_key,
+                            "accession_key": r.accession_key,
+                        }
+                        for r in records
+                    ],
+                    pk="study_uid",
+                )
+                self.table("series").upsert_all(
+                    [
+                        {
+                            "series_uid": r.series_uid,
+                            "study_uid": r.study_uid,
+                            "modality": r.modality,
+                            "body_part": r.body_part,
+                            "manufacturer": r.manufacturer,
+                            "model": r.model,
+                        }
+                        for r in records
+                    ],
+                    pk="series_uid",
+                )
+                self.table("instances").upsert_all([asdict(r) for r in records], pk="sop_uid")
+            if rejections:
+                paths = [rej.path for rej, _, _ in rejections]
+                self._delete_paths("instances", paths)
+                self.table("rejections").upsert_all(
+                    [
+                        {
+                            "path": rej.path,
+                            "size": size,
+                            "mtime_ns": mtime,
+                            "code": rej.code,
+                            "reason": rej.reason,
+                            "run_id": run_id,
+                        }
+                        for rej, size, mtime in rejections
+                    ],
+                    pk="path",
+                )
+
+    def forget_missing(self, paths: Iterable[str]) -> int:
+        """Drop files that no longer exist on disk; returns how many."""
+        paths = list(paths)
+        with self.transaction():
+            self._delete_paths("instances", paths)
+            self._delete_paths("rejections", paths)
+        return len(paths)
+
+    def _delete_paths(self, table: str, paths: list[str]) -> None:
+        for i in range(0, len(paths), 500):
+            part = paths[i : i + 500]
+            marks = ",".join("?" * len(part))
+            self.db.execute(f"delete from {table} where path in ({marks})", part)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def instances(self, where: str | None = None, args: Any = None) -> Iterator[InstanceRecord]:
+        for row in self.table("instances").rows_where(where, args, order_by="study_uid, sop_uid"):
+            yield InstanceRecord(**row)
+
+    def instance(self, sop_uid: str) -> InstanceRecord | None:
+        rows = list(self.table("instances").rows_where("sop_uid = ?", [sop_uid]))
+        return InstanceRecord(**rows[0]) if rows else None
+
+    def rejections(self) -> list[Rejection]:
+        return [
+            Rejection(r["path"], r["code"], r["reason"])
+            for r in self.table("rejections").rows_where(order_by="path")
+        ]
+
+    def count(self, table: str) -> int:
+        return int(self.table(table).count)
+
+    def check_consistency(self) -> list[str]:
+        """Problems that would mean a half-written import (should always be empty)."""
+        problems = []
+        q = self.db.execute
+        orphans = q(
+            "select count(*) from instances i left join studies s "
+            "on i.study_uid = s.study_uid where s.study_uid is null"
+        ).fetchone()[0]
+        if orphans:
+            problems.append(f"{orphans} instances without their study")
+        both = q(
+            "select count(*) from instances i join rejections r on i.path = r.path"
+        ).fetchone()[0]
+        if both:
+            problems.append(f"{both} paths both indexed and rejected")
+        bad = q(
+            "select count(*) from studies s left join patients p "
+            "on s.patient_key = p.patient_key where p.patient_key is null"
+        ).fetchone()[0]
+        if bad:
+            problems.append(f"{bad} studies without their patient")
+        return problems
