@@ -121,7 +121,11 @@ class Federation:
     def plan(self, plan_hash: str) -> TrainingPlan:
         row = self.store.plan(plan_hash)
         if row is None:
-            matches = [p for p in self.store.plans() if p["plan_hash"].startswith(plan_hash)]
+            matches = [
+                p
+                for p in self.store.plans()
+                if len(plan_hash) >= 8 and p["plan_hash"].startswith(plan_hash)
+            ]
             if len(matches) != 1:
                 raise PlanError(
                     f"no registered plan {plan_hash!r}; 'tessera-coordinator plan list' shows them",
