@@ -3,10 +3,15 @@
 Theory of operation: a file becomes a model input in four fixed steps, so every party that
 trains or evaluates sees the same numbers for the same file:
 
-1. the stored pixels, through the Modality LUT (RescaleSlope/Intercept, PS3.3 C.11.1);
-2. MONOCHROME1 images negated, so that bright means dense everywhere (PS3.3 C.7.6.3.1.2);
+1. the stored pixels of one frame, decoded (any transfer syntax pydicom and the pylibjpeg
+   plugins read) and through the Modality LUT (RescaleSlope/Intercept, PS3.3 C.11.1);
+2. MONOCHROME1 images inverted, so that bright means dense everywhere (PS3.3 C.7.6.3.1.2);
 3. area-averaged resize to ``input_size`` x ``input_size`` (deterministic on CPU);
-4. per-image z-score (zero mean, unit variance).
+4. per-image z-score (zero mean, unit variance), or, when a window is asked for, the VOI
+   window to [0, 1] before step 3 instead.
+
+Steps 1 and 2 live in :mod:`shared.dicom_pixels`, which turns every bad file into a
+:class:`DataError` with a stable code.
 
 Labels live in a CSV beside the images, matched by StudyInstanceUID (or SOPInstanceUID when
 that column is present). Bad input is a data-quality problem, not a crash: a file that cannot
@@ -26,8 +31,8 @@ import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.pixels import apply_modality_lut
 
+from shared.dicom_pixels import Window, apply_window, decode_frames
 from shared.errors import DataError
 
 
@@ -53,28 +58,31 @@ class LabelledImages:
         return int(self.labels.shape[0])
 
 
-def pixels_to_input(ds: pydicom.Dataset, input_size: int) -> np.ndarray:
-    """The model input ``(1, S, S)`` float32 of one single-frame greyscale image."""
+def pixels_to_input(
+    ds: pydicom.Dataset, input_size: int, *, frame: int = 0, window: Window = None
+) -> np.ndarray:
+    """The model input ``(1, S, S)`` float32 of one frame of a greyscale image.
+
+    ``frame`` picks the frame of a multi-frame object (0-based). Without ``window`` the frame
+    is z-scored after the resize (steps 1-4 above). With ``window`` (``"file"`` for the file's
+    first VOI LUT or window, or an explicit ``(center, width)`` in modality units) it is
+    windowed to [0, 1] before the resize and not z-scored, so a fixed window keeps its
+    absolute meaning (a CT lung window looks the same at every site).
+
+    Raises only :class:`DataError`: the codes of :func:`shared.dicom_pixels.decode_frames`,
+    ``data.frame``, ``data.window`` or ``data.input_size``.
+    """
     if input_size < 1:
         raise DataError("Use an input size of at least 1 pixel.", code="data.input_size")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DataError(
-            f"Only greyscale images can be used; this one is {photometric or 'unspecified'}.",
-            code="data.unsupported",
-        )
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-        raise DataError("Only single-frame images can be used.", code="data.unsupported")
-    arr = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
-    if arr.ndim != 2:
-        raise DataError("Only single-frame 2-D images can be used.", code="data.unsupported")
-    if photometric == "MONOCHROME1":
-        arr = -arr  # the z-score below removes the offset, so negation is a full inversion
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+    arr = decode_frames(ds, index=frame)
+    if window is not None:
+        arr = apply_window(arr, ds, window=window, index=frame)
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))[None]
     t = F.interpolate(t, size=(input_size, input_size), mode="area")
     out = t[0].numpy()
-    std = float(out.std())
-    out = (out - out.mean()) / std if std > 1e-12 else np.zeros_like(out)
+    if window is None:
+        std = float(out.std())
+        out = (out - out.mean()) / std if std > 1e-12 else np.zeros_like(out)
     return out.astype(np.float32)
 
 
@@ -131,7 +139,7 @@ def load_labelled_folder(
 ) -> LabelledImages:
     """Every labelled image under ``dicom_dir`` (recursively), sorted by StudyInstanceUID.
 
-    Files that are not readable DICOM, not single-frame greyscale, without a row in the CSV,
+    Files that are not readable DICOM, not greyscale, without a row in the CSV,
     with a label other than 0/1, or duplicates of an image already loaded, are skipped and
     listed in ``rejected``.
     """
@@ -169,11 +177,8 @@ def load_labelled_folder(
             continue
         try:
             image = pixels_to_input(ds, input_size)
-        except DataError as exc:
+        except DataError as exc:  # decode_frames raises nothing else for a bad file
             rejected.append(Rejected(path, exc.message))
-            continue
-        except Exception as exc:  # undecodable pixel data, unsupported compression, ...
-            rejected.append(Rejected(path, f"pixel data cannot be decoded ({type(exc).__name__})"))
             continue
         records[uid] = (study_uid, sop_uid, patient_id, path, image, label)
 
