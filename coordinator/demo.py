@@ -21,11 +21,12 @@ import torch
 
 from coordinator.federation import Federation
 from coordinator.localrun import LaunchError, LocalFederation
-from shared.imaging import LabelledImages, load_labelled_folder, patient_split
+from shared.imaging import LabelledImages, load_labelled_folder
 from shared.metrics import Metrics
 from shared.models.registry import build_model
 from shared.models.state import load_model_arrays
 from shared.plan import TrainingPlan, demo_plan
+from shared.splits import split_patients
 from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors
 from shared.training import evaluate, train_local
@@ -57,7 +58,12 @@ def train_baseline(plan: TrainingPlan, images: np.ndarray, labels: np.ndarray) -
 
 
 def _train_split(site: LabelledImages) -> tuple[np.ndarray, np.ndarray]:
-    train_idx, _ = patient_split(site.patient_ids, HOLDOUT_FRACTION, DATA_SEED)
+    """The same kind of split a site makes: patient-level, stratified (``shared.splits``)."""
+    positive: dict[str, float] = {}
+    for patient, label in zip(site.patient_ids, site.labels, strict=True):
+        positive[patient] = max(positive.get(patient, 0.0), float(label))
+    held = split_patients(positive, HOLDOUT_FRACTION, DATA_SEED)
+    train_idx = [i for i, p in enumerate(site.patient_ids) if p not in held]
     return site.images[train_idx], site.labels[train_idx]
 
 

@@ -2,8 +2,10 @@
 
 Used by the demo, the end-to-end tests and the benchmarks. Every participant is a separate
 process started through its own command line (``tessera-coordinator serve``,
-``tessera-site enrol`` / ``run``), talking over real websockets with TLS, exactly as on
-separate machines; nothing here imports the site's code.
+``tessera-site enrol`` / ``import`` / ``run``), talking over real websockets with TLS, exactly
+as on separate machines; nothing here imports the site's code. A site is set up as a hospital
+would set it up: enrolled with its invitation code, its DICOM folder imported into its study
+index with the labels file attached, then ``run`` trains on what was imported.
 """
 
 from __future__ import annotations
@@ -109,8 +111,31 @@ class LocalFederation:
         )
         if result.returncode != 0:
             raise LaunchError(f"enrolment of {name} failed: {result.stderr.strip()[-500:]}")
+        self.import_site(site)
         self.sites.append(site)
         return site
+
+    def import_site(self, site: SiteProcess) -> None:
+        """``tessera-site import DICOM --labels CSV``: index the images, attach the labels."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "site_client.cli",
+            "--data-dir",
+            str(site.data_dir),
+            "import",
+            str(site.dicom_dir),
+            "--labels",
+            str(site.labels_csv),
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+        site.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(site.log_path, "a", encoding="utf-8") as log:
+            log.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise LaunchError(
+                f"the import at {site.name} failed: {(result.stderr or result.stdout)[-500:]}"
+            )
 
     def start_site(self, site: SiteProcess, *, exit_when_done: bool = True) -> None:
         cmd = [
@@ -121,10 +146,6 @@ class LocalFederation:
             str(site.data_dir),
             "run",
             "--headless",
-            "--dicom",
-            str(site.dicom_dir),
-            "--labels",
-            str(site.labels_csv),
         ]
         if exit_when_done:
             cmd.append("--exit-when-done")

@@ -156,9 +156,7 @@ def _decode_stored(ds: Dataset, index: int | None) -> np.ndarray:
             transfer_syntax=str(uid),
         ) from exc
     if not decoder.is_available:
-        missing = "; ".join(
-            f"{plugin}: {', '.join(deps)}" for plugin, deps in decoder.missing_dependencies
-        )
+        missing = "; ".join(decoder.missing_dependencies)  # e.g. "gdcm - requires gdcm"
         raise DataError(
             f"Images encoded as {uid.name} ({uid}) need a decoder plugin that is not "
             f"installed ({missing or 'no plugin'}); install pylibjpeg and its plugins.",

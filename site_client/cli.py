@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import TesseraError
 from site_client.core.config import SiteDir
+
+if TYPE_CHECKING:
+    from site_client.core.participant import LocalData
 
 DEFAULT_DIR = Path("tessera-site-data")
 
@@ -32,14 +39,42 @@ def _parser() -> argparse.ArgumentParser:
     enrol.add_argument("--name", default=None, help="this site's name as others will see it")
     run = sub.add_parser("run", help="take part in training rounds")
     run.add_argument("--headless", action="store_true", help="no window (the only mode so far)")
-    run.add_argument("--dicom", type=Path, required=True, help="folder of DICOM files")
-    run.add_argument("--labels", type=Path, required=True, help="labels CSV")
+    run.add_argument(
+        "--dicom",
+        type=Path,
+        default=None,
+        help="folder of DICOM files (default: the images imported with 'import')",
+    )
+    run.add_argument("--labels", type=Path, default=None, help="labels CSV (with --dicom)")
     run.add_argument(
         "--exit-when-done",
         action="store_true",
         help="stop when the coordinator says the run is finished",
     )
     run.add_argument("--threads", type=int, default=1, help="CPU threads for training")
+    imp = sub.add_parser(
+        "import", help="index a folder (or file) of DICOM images; only changed files are read"
+    )
+    imp.add_argument("path", type=Path, help="folder (searched recursively) or DICOM file")
+    imp.add_argument("--labels", type=Path, default=None, help="labels CSV to attach after import")
+    imp.add_argument("--label-column", default="label", help="the label column in the labels CSV")
+    imp.add_argument("--json", action="store_true", help="print the import report as JSON")
+    summary = sub.add_parser("summary", help="counts of the indexed images (no identifiers)")
+    summary.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pacs = sub.add_parser("pacs-listen", help="receive images pushed from the PACS (C-STORE)")
+    pacs.add_argument("--ae-title", default="TESSERA", help="this site's DICOM AE title")
+    pacs.add_argument("--port", type=int, default=11112, help="TCP port to listen on")
+    pacs.add_argument(
+        "--allow-ae",
+        action="append",
+        default=[],
+        required=True,
+        metavar="AE_TITLE",
+        help="AE title allowed to send (repeat for each PACS or modality)",
+    )
+    pacs.add_argument(
+        "--host", default="0.0.0.0", help="address to listen on (default: all interfaces)"
+    )
     return p
 
 
@@ -58,18 +93,88 @@ def main(argv: list[str] | None = None) -> int:
             config = asyncio.run(enrol(args.code, site_dir, args.name))
             print(f"enrolled in {config.federation} as {config.site_name} ({config.site_id})")
             return 0
+        if args.command == "import":
+            return _import(args, site_dir)
+        if args.command == "summary":
+            return _summary(args, site_dir)
+        if args.command == "pacs-listen":
+            return _pacs_listen(args, site_dir)
         return _run(args, site_dir)
     except TesseraError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2
 
 
+def _import(args: argparse.Namespace, site_dir: SiteDir) -> int:
+    """Import with a progress line on stderr; Ctrl-C stops after the current file, keeping
+    what was indexed (the next import finishes the job)."""
+    from site_client.core.intake.importer import ImportProgress, import_files, import_folder
+
+    stop = threading.Event()
+    tty = sys.stderr.isatty()
+
+    def on_progress(p: ImportProgress) -> None:
+        line = (
+            f"{p.files_seen}/{p.files_total} files: {p.indexed} indexed, "
+            f"{p.unchanged} unchanged, {p.rejected} not usable"
+        )
+        print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    # pydicom's notes about odd files would drown the progress line; the report says it all
+    index = site_dir.open_index()
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL)
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kwargs: dict[str, Any] = {"progress": on_progress, "should_stop": stop.is_set}
+            if args.path.is_file():
+                report = import_files(index, [args.path], **kwargs)
+            else:
+                report = import_folder(index, args.path, **kwargs)
+        labels = None
+        if args.labels is not None and not report.cancelled:
+            from site_client.core.intake.labels import attach_labels
+
+            labels = attach_labels(index, args.labels, label_column=args.label_column)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        pydicom_log.setLevel(level)
+        index.close()
+        if tty:
+            print(file=sys.stderr)
+    if args.json:
+        out = report.to_dict()
+        if labels is not None:
+            out["labels"] = labels.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.summary())
+        if labels is not None:
+            print(labels.summary())
+    return 130 if report.cancelled else 0
+
+
+def _summary(args: argparse.Namespace, site_dir: SiteDir) -> int:
+    from site_client.core.intake.summary import data_summary
+
+    index = site_dir.open_index()
+    try:
+        result = data_summary(index)
+    finally:
+        index.close()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
+
+
 def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
-    from site_client.core.participant import LocalData, Participant
+    from site_client.core.participant import Participant
 
     participant = Participant(
         site_dir,
-        LocalData(args.dicom, args.labels),
+        _local_data(args, site_dir),
         exit_when_done=args.exit_when_done,
         threads=args.threads,
     )
@@ -85,6 +190,56 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
         asyncio.run(main())
     except asyncio.CancelledError:
         return 130
+    return 0
+
+
+def _local_data(args: argparse.Namespace, site_dir: SiteDir) -> LocalData:
+    """A folder and CSV when given, else the site's study index (``tessera-site import``)."""
+    from site_client.core.participant import LocalData
+
+    if (args.dicom is None) != (args.labels is None):
+        raise TesseraError(
+            "Give both --dicom and --labels, or neither to train on the imported images.",
+            code="config.arguments",
+        )
+    if args.dicom is not None:
+        return LocalData(args.dicom, args.labels)
+    if not site_dir.index_db.is_file():
+        raise TesseraError(
+            "No images have been imported at this site yet: run "
+            "'tessera-site import DICOM_FOLDER --labels LABELS.csv' first, or give "
+            "--dicom and --labels.",
+            code="data.empty",
+        )
+    return LocalData.site_index()
+
+
+def _pacs_listen(args: argparse.Namespace, site_dir: SiteDir) -> int:
+    """Receive pushed objects until SIGINT/SIGTERM; each one is imported as it arrives."""
+    import threading
+
+    from site_client.core.intake.pacs import PacsReceiver
+
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines are noise
+    receiver = PacsReceiver.for_site(
+        site_dir,
+        ae_title=args.ae_title,
+        port=args.port,
+        allowed_aes=args.allow_ae,
+        host=args.host,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with receiver:
+        while not stop.wait(0.5):
+            pass
+    c = receiver.counts()
+    print(
+        f"received {c.received}, indexed {c.indexed}, not imported {c.import_rejected}, "
+        f"failed {c.failed}, refused connections {c.refused}",
+        file=sys.stderr,
+    )
     return 0
 
 

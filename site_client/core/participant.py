@@ -62,8 +62,20 @@ FATAL_CODES = {"identity.unknown_site", "crypto.bad_signature", "net.pin_mismatc
 
 @dataclass(frozen=True, slots=True)
 class LocalData:
-    dicom_dir: Path
-    labels_csv: Path
+    """Where the site's training images come from: a DICOM folder and a labels CSV, or, with
+    neither (``LocalData.site_index()``), the images imported into the site's study index
+    and their attached labels (``tessera-site import DIR --labels CSV``)."""
+
+    dicom_dir: Path | None = None
+    labels_csv: Path | None = None
+
+    @classmethod
+    def site_index(cls) -> LocalData:
+        return cls()
+
+    @property
+    def from_index(self) -> bool:
+        return self.dicom_dir is None or self.labels_csv is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +366,7 @@ class Participant:
                 {
                     "plan": msg.plan,
                     "model_path": str(self._model_path(msg)),
-                    "dicom_dir": str(self.data.dicom_dir),
-                    "labels_csv": str(self.data.labels_csv),
+                    **self._data_job(),
                     "cache_dir": str(self.dir.tensors),
                     "data_seed": 0,
                     "seed": seed,
@@ -400,6 +411,14 @@ class Participant:
         self.on_status(f"round {msg.round}: sending the update ({len(data)} bytes)")
         self._offer_update(pending)
         await self._flush()
+
+    def _data_job(self) -> dict[str, str]:
+        if self.data.from_index:
+            return {
+                "index_db": str(self.dir.index_db),
+                "pseudonym_key": str(self.dir.pseudonym_key),
+            }
+        return {"dicom_dir": str(self.data.dicom_dir), "labels_csv": str(self.data.labels_csv)}
 
     def _load_pending(self, msg: RoundInvite) -> Pending | None:
         record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"

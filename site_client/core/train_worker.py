@@ -2,7 +2,8 @@
 
 A separate process so that training can be cancelled at any moment (terminate it) and never
 blocks the site's connection. It reads the global model with safetensors (never pickle or
-``torch.load``), prepares the local images once into a tensor cache, trains with the shared
+``torch.load``), prepares the local images once into a tensor cache (from the site's study
+index when the job names one, else from a DICOM folder and labels CSV), trains with the shared
 loop and writes the update (new weights minus global weights) and a small result record.
 """
 
@@ -59,6 +60,46 @@ def load_training_set(
     return ds.train_images, ds.train_labels
 
 
+def load_from_index(
+    index_db: Path, pseudonym_key: Path, cache_dir: Path, plan: Any, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training side of the site's indexed, labelled images (``tessera-site import``),
+    from the tensor cache: memory maps, read one batch at a time by the training loop."""
+    from shared.errors import DataError
+    from site_client.core.intake.dataset import build_dataset
+    from site_client.core.intake.index import SiteIndex
+
+    if not index_db.is_file():
+        raise DataError(
+            "This site has no imported images yet: run 'tessera-site import DIR --labels CSV'.",
+            code="data.empty",
+        )
+    try:
+        secret = pseudonym_key.read_bytes()  # never made here: a new key would match nothing
+    except OSError as exc:
+        raise DataError(
+            f"The site's pseudonymisation key {pseudonym_key} cannot be read; it is made by "
+            "'tessera-site import' and must stay with the index.",
+            code="data.key",
+        ) from exc
+    index = SiteIndex(index_db, secret)
+    try:
+        ds = build_dataset(
+            index,
+            cache_dir,
+            input_size=plan.input_size,
+            label_column=plan.label_column,
+            seed=seed,
+            preprocessing=dict(plan.preprocessing),
+        )
+    finally:
+        index.close()
+    print(ds.summary(), file=sys.stderr)
+    for skip in ds.skipped[:20]:
+        print(f"left out image {skip.image} of study {skip.study}: {skip.reason}", file=sys.stderr)
+    return ds.train_images, ds.train_labels
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -70,13 +111,22 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(job.get("threads", 1)))
     plan = TrainingPlan.from_dict(job["plan"])
-    images, labels = load_training_set(
-        Path(job["dicom_dir"]),
-        Path(job["labels_csv"]),
-        Path(job["cache_dir"]),
-        plan.input_size,
-        int(job["data_seed"]),
-    )
+    if job.get("index_db"):
+        images, labels = load_from_index(
+            Path(job["index_db"]),
+            Path(job["pseudonym_key"]),
+            Path(job["cache_dir"]),
+            plan,
+            int(job["data_seed"]),
+        )
+    else:  # a folder and a labels CSV given on the command line
+        images, labels = load_training_set(
+            Path(job["dicom_dir"]),
+            Path(job["labels_csv"]),
+            Path(job["cache_dir"]),
+            plan.input_size,
+            int(job["data_seed"]),
+        )
     model = build_model(
         plan.architecture, plan.architecture_version, input_size=plan.input_size, seed=plan.seed
     )

@@ -235,7 +235,8 @@ def test_unknown_transfer_syntax_is_named():
 def test_a_missing_plugin_is_named(monkeypatch):
     class Unavailable:
         is_available = False
-        missing_dependencies = [("pylibjpeg", ["pylibjpeg>=2.0", "pylibjpeg-openjpeg>=2.0"])]
+        # pydicom's format: one readable string per plugin
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg"]
 
     monkeypatch.setattr(dicom_pixels, "get_decoder", lambda uid: Unavailable())
     with pytest.raises(DataError, match=r"plugin that is not installed.*pylibjpeg-openjpeg"):
