@@ -37,11 +37,14 @@ must not look like a folder whose files were all deleted).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import multiprocessing
 import os
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
@@ -59,7 +62,13 @@ from pydicom.uid import (
 )
 
 from shared.errors import DataError, StorageError
-from site_client.core.intake.index import InstanceRecord, KnownFile, Rejection, SiteIndex
+from site_client.core.intake.index import (
+    InstanceRecord,
+    KnownFile,
+    Rejection,
+    SiteIndex,
+    keyed_pseudonym,
+)
 
 __all__ = [
     "ImportProgress",
@@ -698,20 +707,38 @@ class _Engine:
         should_stop = self.should_stop
         known = self.known
         batch = self.batch_size
-        pseudonym = self._pseudonym
-        for f in files:
-            if should_stop is not None and should_stop():
-                self.cancelled = True
-                return
+
+        def changed(f: _File) -> bool:
             k = known.get(f.path)
-            if not force and k is not None and k.size == f.size and k.mtime_ns == f.mtime_ns:
-                self.unchanged += 1
-            else:
-                self._take(f, k, _read_file(f.path, pseudonym))
-            self.seen += 1
-            if self.seen % batch == 0:
-                self._flush()
-                self._report()
+            return force or k is None or k.size != f.size or k.mtime_ns != f.mtime_ns
+
+        flags = [changed(f) for f in files]
+        to_read = [f.path for f, c in zip(files, flags, strict=True) if c]
+        pool = _reader_pool(len(to_read), self.index.pseudonym_key)
+        if pool is None:
+            pseudonym = self._pseudonym
+            results: Iterator[InstanceRecord | Rejection] = (
+                _read_file(p, pseudonym) for p in to_read
+            )
+        else:  # headers parsed by worker processes, in order, while this one writes
+            results = pool.imap(_read_in_worker, to_read, chunksize=_CHUNK)
+        try:
+            for f, is_changed in zip(files, flags, strict=True):
+                if should_stop is not None and should_stop():
+                    self.cancelled = True
+                    return
+                if is_changed:
+                    self._take(f, known.get(f.path), next(results))
+                else:
+                    self.unchanged += 1
+                self.seen += 1
+                if self.seen % batch == 0:
+                    self._flush()
+                    self._report()
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
 
     def _take(self, f: _File, k: KnownFile | None, result: InstanceRecord | Rejection) -> None:
         old_sop = k.sop_uid if k is not None else None
@@ -789,6 +816,45 @@ class _Engine:
             "rejected": len(self.rejections),
             "removed": self.removed,
         }
+
+
+# --- parallel header reading ----------------------------------------------------------------
+#
+# Parsing headers is pure Python (GIL-bound), so a large import reads them in worker
+# processes: forked, so they start in milliseconds with everything imported, and only from a
+# process with a single thread (forking a threaded process, such as the PACS receiver's, could
+# copy a held lock). Results come back in file order, so duplicates and batches are decided
+# exactly as in one process. The workers get the pseudonymisation key: same machine, never
+# sent anywhere.
+
+_PARALLEL_MIN = 256  # below this, starting workers costs more than it saves
+_CHUNK = 32
+_worker_pseudonym: Pseudonymizer | None = None
+
+
+def _reader_pool(n: int, secret: bytes) -> Any:
+    if n < _PARALLEL_MIN or threading.active_count() > 1 or not hasattr(os, "fork"):
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return None
+    ctx = multiprocessing.get_context("fork")
+    return ctx.Pool(min(cpus, 4), initializer=_init_worker, initargs=(secret,))
+
+
+def _init_worker(secret: bytes) -> None:
+    global _worker_pseudonym
+    _worker_pseudonym = functools.lru_cache(maxsize=50_000)(
+        functools.partial(keyed_pseudonym, secret)
+    )
+
+
+def _read_in_worker(path: str) -> InstanceRecord | Rejection:
+    assert _worker_pseudonym is not None
+    return _read_file(path, _worker_pseudonym)
 
 
 def _walk(top: str) -> tuple[list[_File], list[str]]:

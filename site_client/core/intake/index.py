@@ -94,6 +94,14 @@ def load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
+def keyed_pseudonym(secret: bytes, value: str, kind: str) -> str:
+    """HMAC-SHA256 pseudonym of an identifier, 128 bits in hex; "" stays ""."""
+    if not value:
+        return ""
+    mac = hmac.new(secret, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
 class SiteIndex:
     def __init__(self, path: Path, secret: bytes) -> None:
         self.path = path
@@ -128,10 +136,12 @@ class SiteIndex:
 
     def pseudonym(self, value: str, kind: str) -> str:
         """Keyed pseudonym of an identifier (``kind``: "patient", "accession"); "" stays ""."""
-        if not value:
-            return ""
-        mac = hmac.new(self._secret, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256)
-        return mac.hexdigest()[:32]
+        return keyed_pseudonym(self._secret, value, kind)
+
+    @property
+    def pseudonym_key(self) -> bytes:
+        """For the importer's worker processes on this machine; never sent anywhere."""
+        return self._secret
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -204,12 +214,15 @@ class SiteIndex:
 
     def known_files(self) -> dict[str, KnownFile]:
         """Every path seen before, indexed or rejected, with the size and mtime then."""
+        execute = self.db.conn.execute  # plain tuples: this runs on every re-import
         known = {
-            r["path"]: KnownFile(r["size"], r["mtime_ns"], r["sop_uid"])
-            for r in self.db.query("select path, size, mtime_ns, sop_uid from instances")
+            path: KnownFile(size, mtime, sop)
+            for path, size, mtime, sop in execute(
+                "select path, size, mtime_ns, sop_uid from instances"
+            )
         }
-        for r in self.db.query("select path, size, mtime_ns from rejections"):
-            known.setdefault(r["path"], KnownFile(r["size"], r["mtime_ns"], None))
+        for path, size, mtime in execute("select path, size, mtime_ns from rejections"):
+            known.setdefault(path, KnownFile(size, mtime, None))
         return known
 
     def start_run(self, root: str, now: float) -> str:
