@@ -109,7 +109,13 @@ class RoundEngine:
 
     def update_stored(self, site_id: str, rnd: int, now: float) -> list[Action]:
         state = self.open
-        if state is None or rnd != state.round or state.aggregating:
+        if state is None:
+            # Stored before the round (re)opened: a site that trained while the coordinator
+            # was down offers its update as soon as it is back. It counts when the round opens.
+            if rnd == self.current_round and not self.finished:
+                self._carried.add(site_id)
+            return self.tick(now)
+        if rnd != state.round or state.aggregating:
             return []
         state.reported.add(site_id)
         state.selected.add(site_id)

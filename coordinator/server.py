@@ -479,6 +479,8 @@ class CoordinatorServer:
                 conn.session.send(
                     UpdateAccepted(run_id=run.run_id, round=msg.round, sha256=offer.sha256)
                 )
+                if self.engine is not None:  # idempotent: the engine counts a site once
+                    self._apply(self.engine.update_stored(site_id, msg.round, now))
             else:
                 self._refuse(
                     conn,
