@@ -183,4 +183,5 @@ class Federation:
             "plans": [{"plan_hash": p["plan_hash"], "name": p["name"]} for p in self.store.plans()],
             "runs": runs,
             "rejected_updates": len(self.store.rejections()),
+            "site_data_summaries": self.store.site_summaries(),
         }

@@ -137,7 +137,10 @@ class LocalFederation:
                 f"the import at {site.name} failed: {(result.stderr or result.stdout)[-500:]}"
             )
 
-    def start_site(self, site: SiteProcess, *, exit_when_done: bool = True) -> None:
+    def start_site(
+        self, site: SiteProcess, *, exit_when_done: bool = True, share_summary: bool = True
+    ) -> None:
+        """Start a site as a hospital would; the demo's sites share their data summary."""
         cmd = [
             sys.executable,
             "-m",
@@ -149,6 +152,8 @@ class LocalFederation:
         ]
         if exit_when_done:
             cmd.append("--exit-when-done")
+        if share_summary:
+            cmd.append("--share-summary")
         site.proc = _spawn(cmd, site.log_path)
 
     def start_run(self, fed: Federation, plan: TrainingPlan) -> str:

@@ -45,6 +45,7 @@ from shared.protocol.codec import DEFAULT_LIMITS, Limits
 from shared.protocol.messages import (
     Authenticate,
     ChunkAck,
+    DataSummaryReport,
     Enrol,
     ErrorMessage,
     RoundDecline,
@@ -393,6 +394,11 @@ class CoordinatorServer:
             log.info("site %s declined round %d: %s", conn.site_id, msg.round, msg.reason)
             if self.engine is not None and self.run is not None and msg.run_id == self.run.run_id:
                 self._apply(self.engine.site_declined(conn.site_id or "", msg.round, now))
+        elif isinstance(msg, DataSummaryReport) and conn.site_id is not None:
+            self.fed.store.save_site_summary(conn.site_id, msg.summary, now)
+            log.info(
+                "site %s shared its data summary (%d images)", conn.site_id, msg.summary["images"]
+            )
         elif isinstance(msg, ErrorMessage):
             log.warning("site %s reports %s: %s", conn.site_id, msg.code, msg.message)
 

@@ -163,6 +163,11 @@ class Store:
                 pk="id",
                 if_not_exists=True,
             )
+            self._t("site_summaries").create(
+                {"site_id": str, "summary": str, "received_at": float},
+                pk="site_id",
+                if_not_exists=True,
+            )
             self._t("events").create(
                 {"id": int, "at": float, "kind": str, "detail": str}, pk="id", if_not_exists=True
             )
@@ -261,6 +266,21 @@ class Store:
             SiteRecord(r["site_id"], r["name"], r["public_key"], r["enrolled_at"])
             for r in self._t("sites").rows_where(order_by="enrolled_at")
         ]
+
+    def save_site_summary(self, site_id: str, summary: dict[str, Any], now: float) -> None:
+        """The latest data summary a site chose to share (counts only)."""
+        with self.transaction():
+            self._t("site_summaries").upsert(
+                {"site_id": site_id, "summary": json.dumps(summary), "received_at": now},
+                pk="site_id",
+            )
+            self.log("site_summary_received", now, site_id=site_id)
+
+    def site_summaries(self) -> dict[str, dict[str, Any]]:
+        return {
+            r["site_id"]: json.loads(r["summary"])
+            for r in self._t("site_summaries").rows_where(order_by="site_id")
+        }
 
     # -- plans ---------------------------------------------------------------------------
 

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         help="stop when the coordinator says the run is finished",
     )
     run.add_argument("--threads", type=int, default=1, help="CPU threads for training")
+    run.add_argument(
+        "--share-summary",
+        action="store_true",
+        help="send the coordinator this site's data summary (counts by modality, scanner, "
+        "label, image size; no identifiers). Off by default",
+    )
     imp = sub.add_parser(
         "import", help="index a folder (or file) of DICOM images; only changed files are read"
     )
@@ -176,6 +182,7 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
         site_dir,
         _local_data(args, site_dir),
         exit_when_done=args.exit_when_done,
+        share_summary=args.share_summary,
         threads=args.threads,
     )
 

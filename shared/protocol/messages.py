@@ -33,6 +33,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_type_hints
 
+from shared.data_summary import check_summary
 from shared.errors import RemoteProtocolError
 
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
@@ -369,3 +370,14 @@ class RunFinished(Message):
         _ident(self.run_id, "run_finished.run_id")
         _check(self.rounds >= 0, "run_finished.rounds must be >= 0")
         _hex64(self.final_model, "run_finished.final_model")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataSummaryReport(Message):
+    """A site's data summary, counts only (``shared.data_summary``); sent only if it allows."""
+
+    TYPE: ClassVar[str] = "data_summary"
+    summary: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_summary(self.summary)

@@ -29,6 +29,7 @@ from shared.protocol.messages import (
     Challenge,
     Chunk,
     ChunkAck,
+    DataSummaryReport,
     Enrol,
     ErrorMessage,
     Message,
@@ -269,6 +270,7 @@ class CoordinatorSession(_Session):
             Chunk,
             UpdateOffer,
             RoundDecline,
+            DataSummaryReport,
             ErrorMessage,
         ),
     }

@@ -33,6 +33,7 @@ from shared.protocol import signed
 from shared.protocol.codec import DEFAULT_LIMITS, Limits
 from shared.protocol.messages import (
     Challenge,
+    DataSummaryReport,
     ErrorMessage,
     RoundDecline,
     RoundInvite,
@@ -108,6 +109,7 @@ class Participant:
         data: LocalData,
         *,
         exit_when_done: bool = False,
+        share_summary: bool = False,
         limits: Limits = DEFAULT_LIMITS,
         backoff: Backoff | None = None,
         threads: int = 1,
@@ -120,6 +122,7 @@ class Participant:
         self.key = load_private_key(site_dir.key_file)
         self.data = data
         self.exit_when_done = exit_when_done
+        self.share_summary = share_summary  # the site's choice; off unless it opts in
         self.limits = limits
         self.backoff = backoff or Backoff()
         self.trainer = Trainer(site_dir.jobs, threads=threads)
@@ -244,6 +247,8 @@ class Participant:
             )
         elif isinstance(msg, Welcome):
             self.on_status(f"connected to {msg.federation} as {msg.site_name}")
+            if self.share_summary:
+                self._share_summary()
         elif isinstance(msg, RoundInvite):
             self._on_invite(msg)
         elif isinstance(msg, TransferAccept):
@@ -262,6 +267,25 @@ class Participant:
                 session.close("site.done", "the run is finished")
         elif isinstance(msg, ErrorMessage):
             self._on_error(msg)
+
+    def _share_summary(self) -> None:
+        """Send the study index's counts (the scanner fingerprint), nothing else."""
+        assert self._session is not None
+        from site_client.core.intake.summary import data_summary
+
+        if not self.dir.index_db.is_file():
+            return
+        index = self.dir.open_index()
+        try:
+            summary = data_summary(index).to_dict()
+        finally:
+            index.close()
+        try:
+            self._session.send(DataSummaryReport(summary=summary))
+        except TesseraError as exc:  # a category name too long for the gate: say, send nothing
+            self.on_status(f"data summary not shared: {exc}")
+            return
+        self.on_status(f"shared the data summary ({summary['images']} images, counts only)")
 
     def _on_error(self, msg: ErrorMessage) -> None:
         self.on_status(f"coordinator says [{msg.code}]: {msg.message}")

@@ -78,6 +78,14 @@ def test_two_sites_two_rounds_over_tls(launcher: LocalFederation) -> None:
         updates = fed.store.updates(run_id, rnd)
         assert {u.site_id for u in updates} == {s.site_id for s in fed.store.sites()}
         assert all(fed.blobs.has(u.digest) for u in updates)
+    # each site shared its data summary, counts only, and the coordinator kept it
+    summaries = fed.store.site_summaries()
+    assert set(summaries) == {s.site_id for s in fed.store.sites()}
+    for summary, site in zip(
+        (summaries[s.site_id] for s in fed.store.sites()), manifest.sites, strict=True
+    ):
+        assert summary["images"] == site.n_images
+        assert summary["by_scanner"] == {f"{site.manufacturer} {site.model}": site.n_images}
     # the sites exited by themselves when the coordinator said the run was over
     assert all(site.proc.returncode == 0 for site in launcher.sites)
     assert all("finished after 2 rounds" in _log(site) for site in launcher.sites)

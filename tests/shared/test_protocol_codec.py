@@ -18,6 +18,7 @@ from shared.protocol import (
     Challenge,
     Chunk,
     ChunkAck,
+    DataSummaryReport,
     Enrol,
     ErrorMessage,
     Limits,
@@ -141,6 +142,30 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         RunFinished, run_id=idents, rounds=st.integers(0, 10_000), final_model=hex64
     ),
 }
+_names = st.text(min_size=1, max_size=64)
+_counts = st.integers(0, 10**6)
+_tables = st.dictionaries(_names, _counts, max_size=5)
+STRATEGIES[DataSummaryReport] = st.builds(
+    DataSummaryReport,
+    summary=st.fixed_dictionaries(
+        {
+            **{k: _counts for k in ("images", "patients", "studies", "series", "rejected_files")},
+            **{
+                k: _tables
+                for k in (
+                    "by_modality",
+                    "by_scanner",
+                    "by_image_size",
+                    "by_pixel_spacing",
+                    "by_bits_stored",
+                    "by_photometric",
+                )
+            },
+            "by_label": st.dictionaries(_names, _tables, max_size=3),
+        }
+    ),
+)
+
 messages = st.one_of(*STRATEGIES.values())
 
 
@@ -468,3 +493,43 @@ def test_decode_mutated_valid_messages(message: Message, data: st.DataObject) ->
 def test_deeply_nested_header_is_rejected() -> None:
     deep = b'{"type":"round_invite","id":"m","body":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     assert_rejected(frame(deep), "protocol.malformed", "not valid JSON")
+
+
+def _summary(**changes: object) -> dict:
+    base: dict = {k: 0 for k in ("images", "patients", "studies", "series", "rejected_files")}
+    base.update(
+        {
+            k: {}
+            for k in (
+                "by_modality",
+                "by_scanner",
+                "by_image_size",
+                "by_pixel_spacing",
+                "by_bits_stored",
+                "by_photometric",
+            )
+        }
+    )
+    base["by_label"] = {}
+    base.update(changes)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("summary", "why"),
+    [
+        (_summary(patient_names=["DOE^JANE"]), "not allowed"),
+        (_summary(images=-1), "non-negative integer"),
+        (_summary(images=True), "non-negative integer"),
+        (_summary(by_scanner={"x" * 65: 1}), "longer than 64"),
+        (_summary(by_modality={"CT": "12"}), "non-negative integer"),
+        (_summary(by_label={"label": {"1": 2.5}}), "non-negative integer"),
+        (_summary(by_modality={str(i): 1 for i in range(201)}), "at most 200"),
+        ([], "must be an object"),
+    ],
+)
+def test_a_data_summary_is_counts_only(summary: object, why: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=why) as info:
+        DataSummaryReport(summary=summary)  # type: ignore[arg-type]
+    assert info.value.code == "protocol.schema"
+    assert DataSummaryReport(summary=_summary(by_modality={"CR": 3})).summary["by_modality"]
