@@ -23,7 +23,13 @@ Tree::
     ├── StorageError                      storage.* (database or blob store)
     ├── TrainingError                     training.*
     │   └── TrainingCancelled
-    └── ConnectionFailed                  net.*    (unreachable coordinator, TLS pin mismatch)
+    ├── ConnectionFailed                  net.*    (unreachable coordinator, TLS pin mismatch)
+    │
+    │   defined beside the adapter that raises them (they name its settings):
+    ├── coordinator.config.ConfigError    config.*, run.busy   (coordinator data directory)
+    ├── coordinator.localrun.LaunchError  demo.launch          (local processes of the demo)
+    ├── site_client.core.config.SiteConfigError  config.*      (site data directory)
+    └── site_client.core.intake.pacs.PacsReceiverError  pacs.*  (PACS receiver settings)
 
 ``TesseraWarning`` is our warning category; tests turn it into an error.
 """
