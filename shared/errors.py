@@ -24,6 +24,7 @@ Tree::
     ├── TrainingError                     training.*
     │   └── TrainingCancelled
     ├── ConnectionFailed                  net.*    (unreachable coordinator, TLS pin mismatch)
+    ├── shared.provenance.errors.ProvenanceError  provenance.* (log rewritten, bad tree head)
     │
     │   defined beside the adapter that raises them (they name its settings):
     ├── coordinator.config.ConfigError    config.*, run.busy   (coordinator data directory)
