@@ -1,4 +1,5 @@
 # Tessera: every target does its own set-up; a fresh machine needs only Python 3.11+ and make.
+SHELL   := /bin/bash
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -34,10 +35,11 @@ test: setup system-deps lint
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
 bench: setup
-	@for b in benchmarks/[a-z]*.py; do \
-	  m=$$(basename $$b .py); echo "== benchmarks.$$m"; \
+	@set -o pipefail; for b in benchmarks/[a-z]*.py; do \
+	  m=$$(basename $$b .py); [ "$$m" = report ] && continue; echo "== benchmarks.$$m"; \
 	  $(BIN)/python -m benchmarks.$$m || exit 1; \
-	done
+	done | tee .bench.log
+	$(BIN)/python -m benchmarks.report .bench.log
 
 clean:
 	rm -rf $(VENV) build dist $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
