@@ -18,17 +18,16 @@ import hmac
 import json
 import os
 import secrets
-import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from shared.errors import StorageError
+from shared.sqlite import open_database, transaction
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,17 +105,7 @@ class SiteIndex:
     def __init__(self, path: Path, secret: bytes) -> None:
         self.path = path
         self._secret = secret
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: consistent after a crash
-            conn.execute("PRAGMA busy_timeout=10000")
-        except sqlite3.Error as exc:
-            raise StorageError(
-                f"cannot open the study index {path}: {exc}", code="storage.open"
-            ) from exc
-        self.db = sqlite_utils.Database(conn)
+        self.db = open_database(path, durable=False, what="study index")
         self._migrate()
 
     def close(self) -> None:
@@ -125,14 +114,8 @@ class SiteIndex:
     def table(self, name: str) -> sqlite_utils.db.Table:
         return self.db.table(name)
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        try:
-            with self.db.conn:
-                self.db.conn.execute("BEGIN IMMEDIATE")
-                yield
-        except sqlite3.Error as exc:
-            raise StorageError(f"study index write failed: {exc}", code="storage.write") from exc
+    def transaction(self) -> AbstractContextManager[None]:
+        return transaction(self.db, "study index")
 
     def pseudonym(self, value: str, kind: str) -> str:
         """Keyed pseudonym of an identifier (``kind``: "patient", "accession"); "" stays ""."""
