@@ -1,20 +1,47 @@
 """Round aggregation and update checks over the blob store (run in a worker thread).
 
-Updates are deltas (site weights minus the round's global weights). The new global model is
-the old one plus their weighted mean (FedAvg, McMahan et al. 2017), computed by the streaming,
-order-independent accumulator in ``shared.aggregation``: each update is read from its blob
-file in chunks, so memory stays O(model) however many sites report.
+Updates are deltas (site weights minus the round's global weights). How they become the next
+global model depends on the plan's strategy (``shared.aggregation.strategies``):
+
+- FedAvg and FedProx: the old model plus the deltas' weighted mean (McMahan et al. 2017),
+  computed by the streaming, order-independent accumulator in ``shared.aggregation``: each
+  update is read from its blob file in chunks, so memory stays O(model) however many sites
+  report.
+- Server optimisers (FedAdam, FedYogi, FedAdagrad; Reddi et al. 2021): the same streamed mean
+  is the pseudo-gradient of an optimiser step, whose state (``ServerOptState``) is kept as a
+  content-addressed safetensors blob between rounds; the caller records its digest with the
+  round, so a restarted coordinator continues from it.
+- Median and trimmed mean (Yin et al. 2018): need every site's value per coordinate, so the
+  updates are decoded in memory (O(sites x model)); sample counts are ignored.
+
+Every path is deterministic: the same model, updates (in any order) and state give the same
+bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from coordinator.blobs import BlobStore
 from coordinator.store import UpdateRecord
-from shared.aggregation import FedAvgAccumulator, layout_of, validate_update
+from shared.aggregation import (
+    FedAvgAccumulator,
+    MedianConfig,
+    ServerOptConfig,
+    ServerOptState,
+    StrategyConfig,
+    TrimmedMeanConfig,
+    aggregate_deltas,
+    apply_aggregate,
+    initial_state,
+    layout_of,
+    validate_update,
+)
 from shared.errors import StorageError, UpdateError
 from shared.tensors import decode_tensors, encode_tensors
 
@@ -32,12 +59,59 @@ def check_update(path: Path, blobs: BlobStore, model_digest: str, max_norm: floa
     return validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
 
 
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """A round's new global model (safetensors bytes) and, for a server optimiser, its new
+    state (safetensors of ``ServerOptState.to_arrays()``) to store and record with the round."""
+
+    model: bytes
+    opt_state: bytes | None = None
+
+
 def aggregate_round(
-    blobs: BlobStore, model_digest: str, updates: Sequence[UpdateRecord], weighting: str
-) -> bytes:
+    blobs: BlobStore,
+    model_digest: str,
+    updates: Sequence[UpdateRecord],
+    strategy: StrategyConfig,
+    opt_state: str | None = None,
+) -> RoundResult:
+    """The next global model from the round's ``updates`` under ``strategy``.
+
+    ``opt_state``: for a server optimiser, the digest of the state blob the previous round
+    recorded, or ``None`` in the first round (the optimiser then starts from
+    ``initial_state``); it must be ``None`` for the other strategies. Raises ``UpdateError``
+    (bad or mismatched updates, unusable state) or ``StorageError`` (a blob missing or
+    corrupted on disk).
+    """
     if not updates:
         raise UpdateError("no updates to aggregate", code="update.empty")
+    if opt_state is not None and not isinstance(strategy, ServerOptConfig):
+        raise ValueError(f"{strategy.name} keeps no server state")
     base = decode_tensors(blobs.get(model_digest))
+    if isinstance(strategy, MedianConfig | TrimmedMeanConfig):
+        decoded = [decode_tensors(blobs.get(u.digest)) for u in updates]
+        delta = aggregate_deltas(strategy, decoded)
+        new, _ = apply_aggregate(strategy, base, delta)
+        return RoundResult(encode_tensors(new))
+    mean = _streamed_mean(blobs, base, updates, strategy.weighting)
+    if isinstance(strategy, ServerOptConfig):
+        if opt_state is None:
+            state = initial_state(base, strategy)
+        else:
+            state = ServerOptState.from_arrays(decode_tensors(blobs.get(opt_state)))
+        new, after = apply_aggregate(strategy, base, mean, state)
+        assert after is not None
+        return RoundResult(encode_tensors(new), encode_tensors(after.to_arrays()))
+    return RoundResult(encode_tensors({name: base[name] + mean[name] for name in base}))
+
+
+def _streamed_mean(
+    blobs: BlobStore,
+    base: Mapping[str, np.ndarray],
+    updates: Sequence[UpdateRecord],
+    weighting: str,
+) -> dict[str, np.ndarray]:
+    """The updates' weighted mean, each read from its blob file in chunks (memory O(model))."""
     raw = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
     total = sum(raw)
     acc = FedAvgAccumulator(layout_of(base), max_abs=16.0, max_total_weight=1.0 + 1e-9)
@@ -54,5 +128,4 @@ def aggregate_round(
                 f"update blob {update.digest[:12]} is corrupted on disk", code="storage.blob"
             )
         stream.finish()
-    mean = acc.result()
-    return encode_tensors({name: base[name] + mean[name] for name in base})
+    return acc.result()

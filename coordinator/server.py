@@ -35,9 +35,10 @@ from coordinator.engine import (
 )
 from coordinator.federation import Federation
 from coordinator.store import RunRecord, UpdateRecord
+from shared.aggregation import ServerOptConfig, StrategyConfig, make_strategy
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import server_ssl_context
-from shared.errors import TesseraError, TransferError
+from shared.errors import StorageError, TesseraError, TransferError
 from shared.identity.invitation import token_digest
 from shared.plan import TrainingPlan
 from shared.protocol import signed
@@ -279,15 +280,27 @@ class CoordinatorServer:
         updates = [
             u for u in self.fed.store.updates(run.run_id, action.round) if u.site_id in action.sites
         ]
+        strategy = make_strategy(
+            plan.aggregation, plan.aggregation_params, weighting=plan.weighting
+        )
         try:
-            data = await asyncio.to_thread(
-                aggregate_round, self.fed.blobs, run.model_digest, updates, plan.weighting
+            state_in = self._opt_state_before(run.run_id, action.round, strategy)
+            result = await asyncio.to_thread(
+                aggregate_round, self.fed.blobs, run.model_digest, updates, strategy, state_in
             )
-            digest = self.fed.blobs.put(data)
+            state_out = None if result.opt_state is None else self.fed.blobs.put(result.opt_state)
+            digest = self.fed.blobs.put(result.model)
             mean_loss = sum(u.train_loss for u in updates) / len(updates)
             final = action.round >= plan.rounds
             self.fed.store.commit_round(
-                run.run_id, action.round, digest, len(updates), mean_loss, final, self.clock()
+                run.run_id,
+                action.round,
+                digest,
+                len(updates),
+                mean_loss,
+                final,
+                self.clock(),
+                opt_state=state_out,
             )
         except TesseraError as exc:
             log.error("aggregation of round %d failed: %s", action.round, exc)
@@ -297,6 +310,21 @@ class CoordinatorServer:
         log.info("round %d aggregated from %d updates", action.round, len(updates))
         self._apply(self.engine.aggregate_committed(action.round, self.clock()))
         self._wake.set()
+
+    def _opt_state_before(self, run_id: str, rnd: int, strategy: StrategyConfig) -> str | None:
+        """Digest of the server optimiser's state after round ``rnd - 1`` (``None``: round 1,
+        or a strategy without server state)."""
+        if not isinstance(strategy, ServerOptConfig) or rnd == 1:
+            return None
+        prev = self.fed.store.round_row(run_id, rnd - 1)
+        digest = prev.get("opt_state") if prev else None
+        if not digest:
+            raise StorageError(
+                f"the server optimiser's state after round {rnd - 1} is not in the store; "
+                "the run cannot continue with this strategy",
+                code="storage.blob",
+            )
+        return str(digest)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -132,10 +132,15 @@ class Store:
                     "model_out": str,
                     "n_updates": int,
                     "mean_loss": float,
+                    "opt_state": str,
                 },
                 pk=("run_id", "round"),
                 if_not_exists=True,
             )
+            # Added with the server optimisers: the digest of the optimiser state blob after
+            # the round (NULL for other strategies). Databases made before lack the column.
+            if "opt_state" not in self._t("rounds").columns_dict:
+                self.db.execute("ALTER TABLE rounds ADD COLUMN opt_state TEXT")
             self._t("updates").create(
                 {
                     "run_id": str,
@@ -368,6 +373,7 @@ class Store:
                     "model_out": None,
                     "n_updates": 0,
                     "mean_loss": None,
+                    "opt_state": None,
                 },
                 pk=("run_id", "round"),
             )
@@ -468,8 +474,10 @@ class Store:
         mean_loss: float,
         final: bool,
         now: float,
+        opt_state: str | None = None,
     ) -> None:
-        """Close a round and move the run on, in one transaction."""
+        """Close a round and move the run on, in one transaction. ``opt_state``: digest of the
+        server optimiser's state blob after this round (``None`` for other strategies)."""
         with self.transaction():
             self._t("rounds").update(
                 (run_id, rnd),
@@ -479,6 +487,7 @@ class Store:
                     "model_out": model_out,
                     "n_updates": n_updates,
                     "mean_loss": mean_loss,
+                    "opt_state": opt_state,
                 },
             )
             self._t("runs").update(

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from shared.aggregation import AGGREGATIONS, make_strategy, validate_strategy
 from shared.canonical import canonical_json, sha256_hex
 from shared.errors import PlanError
 from shared.models.registry import get_architecture
@@ -27,14 +28,14 @@ PreprocessValue = str | int | float | bool | None
 
 TASKS = ("binary_classification",)
 OPTIMISERS = ("sgd", "adam")
-AGGREGATIONS = ("fedavg",)
 WEIGHTINGS = ("samples", "uniform")
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 512
 MAX_SEED = 2**63 - 1
 
 
 class FrozenMap(Mapping[str, PreprocessValue]):
-    """A read-only, hashable mapping with sorted keys (for ``TrainingPlan.preprocessing``)."""
+    """A read-only, hashable mapping with sorted keys (``TrainingPlan.preprocessing`` and
+    ``aggregation_params``)."""
 
     __slots__ = ("_items",)
 
@@ -101,6 +102,9 @@ class TrainingPlan:
     ``min_sites`` sites are invited, each trains ``local_epochs`` epochs from the global weights,
     and the round closes once ``quorum`` updates arrived (or fails at ``round_deadline_s``);
     updates are averaged weighted by sample count (``"samples"``) or equally (``"uniform"``).
+    ``aggregation`` chooses the strategy (``shared.aggregation.AGGREGATIONS``: FedAvg, FedProx,
+    the server optimisers, the robust estimators) and ``aggregation_params`` its settings, e.g.
+    ``{"mu": 0.01}`` for FedProx; combinations that cannot work are refused with the reason.
     ``max_update_norm`` bounds an update's L2 norm; larger updates are rejected."""
 
     name: str
@@ -123,7 +127,17 @@ class TrainingPlan:
     min_sites: int = 0  # 0 means "= quorum"; resolved in __post_init__, so never 0 after
     round_deadline_s: float
     seed: int
-    aggregation: Literal["fedavg"] = "fedavg"
+    aggregation: Literal[
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedbn",
+        "median",
+        "trimmed_mean",
+    ] = "fedavg"
+    aggregation_params: Mapping[str, PreprocessValue] = field(default_factory=FrozenMap)
     weighting: Literal["samples", "uniform"] = "samples"
     max_update_norm: float | None = None
 
@@ -137,7 +151,7 @@ class TrainingPlan:
         _check_str("architecture", self.architecture)
         _check_str("architecture_version", self.architecture_version)
         _check_int("input_size", self.input_size, MIN_INPUT_SIZE, MAX_INPUT_SIZE)
-        put("preprocessing", _frozen_preprocessing(self.preprocessing))
+        put("preprocessing", _frozen_map("preprocessing", self.preprocessing))
         _check_int("local_epochs", self.local_epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_str("optimiser", self.optimiser, choices=OPTIMISERS)
@@ -170,6 +184,21 @@ class TrainingPlan:
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_str("aggregation", self.aggregation, choices=AGGREGATIONS)
         _check_str("weighting", self.weighting, choices=WEIGHTINGS)
+        put("aggregation_params", _frozen_map("aggregation_params", self.aggregation_params))
+        if self.aggregation == "fedbn":
+            raise PlanError(
+                "Aggregation 'fedbn' is not available in this version yet: sites cannot keep "
+                "their normalisation layers local. Choose fedavg or another strategy.",
+                code="plan.invalid",
+                field="aggregation",
+            )
+        strategy = make_strategy(
+            self.aggregation, dict(self.aggregation_params), weighting=self.weighting
+        )
+        # Secure aggregation and compression are not plan fields yet.
+        validate_strategy(
+            strategy, secure_aggregation=False, compression=None, min_updates=self.quorum
+        )
         if self.max_update_norm is not None:
             allowed = "null or a finite number > 0"
             norm = _float("max_update_norm", self.max_update_norm, allowed)
@@ -212,6 +241,7 @@ class TrainingPlan:
         """Plain JSON-ready dict with every field, defaults resolved."""
         result = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         result["preprocessing"] = dict(self.preprocessing)
+        result["aggregation_params"] = dict(self.aggregation_params)
         return result
 
     def canonical_json(self) -> bytes:
@@ -223,17 +253,17 @@ class TrainingPlan:
         return PlanHash(sha256_hex(self.canonical_json()))
 
 
-def _frozen_preprocessing(value: Any) -> FrozenMap:
+def _frozen_map(name: str, value: Any) -> FrozenMap:
     allowed = "an object mapping names to strings, numbers, booleans or null"
     if not isinstance(value, Mapping):
-        raise _invalid("preprocessing", allowed, value)
+        raise _invalid(name, allowed, value)
     for key, item in value.items():
         if not isinstance(key, str) or not key:
-            raise _invalid("preprocessing", allowed, value)
+            raise _invalid(name, allowed, value)
         if isinstance(item, float) and not math.isfinite(item):
-            raise _invalid("preprocessing", allowed, value)
+            raise _invalid(name, allowed, value)
         if item is not None and not isinstance(item, str | int | float | bool):
-            raise _invalid("preprocessing", allowed, value)
+            raise _invalid(name, allowed, value)
     return value if isinstance(value, FrozenMap) else FrozenMap(value)
 
 
@@ -287,6 +317,7 @@ def demo_plan(rounds: int = 5, **overrides: Any) -> TrainingPlan:
         "round_deadline_s": 600.0,
         "seed": 0,
         "aggregation": "fedavg",
+        "aggregation_params": {},
         "weighting": "samples",
         "max_update_norm": None,
     }

@@ -103,6 +103,7 @@ def load_from_index(
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from shared.aggregation import local_training_options, make_strategy
     from shared.models.registry import build_model
     from shared.models.state import load_model_arrays, model_arrays
     from shared.plan import TrainingPlan
@@ -138,7 +139,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if step == total or step % 5 == 0:
             progress_path.write_text(f"{step} {total}")
 
-    result = train_local(model, images, labels, plan, seed=int(job["seed"]), progress=progress)
+    # The strategy's part of local training, e.g. FedProx's proximal term (mu).
+    strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
+    options = local_training_options(strategy)
+    result = train_local(
+        model, images, labels, plan, seed=int(job["seed"]), progress=progress, **options
+    )
     after = model_arrays(model)
     delta = {name: (after[name] - base[name]).astype(np.float32) for name in base}
     out = Path(job["update_path"])

@@ -142,3 +142,33 @@ def test_coordinator_restarted_between_rounds_carries_the_run_on(
     assert rounds[0]["model_out"] == round1["model_out"]  # history kept as it was
     assert rounds[1]["model_in"] == round1["model_out"]  # and carried on from it
     assert all(r["n_updates"] == 2 for r in rounds)
+
+
+def test_fedadam_keeps_its_server_state_across_rounds(launcher: LocalFederation) -> None:
+    manifest = _data(launcher.root, 2)
+    fed = launcher.init()
+    launcher.start_coordinator()
+    for s in manifest.sites:
+        launcher.enrol_site(fed, s.name, s.dicom_dir, s.labels_csv)
+    plan = demo_plan(
+        rounds=2,
+        quorum=2,
+        min_sites=2,
+        round_deadline_s=90,
+        aggregation="fedadam",
+        aggregation_params={"eta": 0.01},
+        **TINY,
+    )
+    run_id = launcher.start_run(fed, plan)
+    for site in launcher.sites:
+        launcher.start_site(site)
+    launcher.wait_sites(timeout=180)
+
+    assert fed.store.run(run_id).status == "finished"
+    rounds = _closed_rounds(fed, run_id)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[1]["model_out"] != rounds[0]["model_out"] != rounds[0]["model_in"]
+    # the optimiser's state after each round is a stored blob, recorded with its round
+    states = [r["opt_state"] for r in rounds]
+    assert all(states) and states[0] != states[1]
+    assert all(fed.blobs.has(d) for d in states)

@@ -103,7 +103,10 @@ def test_hash_changes_when_a_field_changes(field: str, value: Any) -> None:
         ("round_deadline_s", 0, r"'round_deadline_s' must be a finite number > 0"),
         ("seed", -1, r"'seed' must be an integer from 0 to 9223372036854775807"),
         ("seed", 2**63, r"'seed' must be an integer from 0"),
-        ("aggregation", "fedadam", r"'aggregation' must be one of 'fedavg'"),
+        ("aggregation", "krum", r"'aggregation' must be one of 'fedavg', 'fedprox', 'fedadam'"),
+        ("aggregation", "fedbn", r"'fedbn' is not available in this version yet"),
+        ("aggregation_params", {"mu": 0.1}, r"'fedavg' has no setting\(s\) 'mu'"),
+        ("aggregation_params", [1], r"'aggregation_params' must be an object mapping names"),
         ("weighting", "sites", r"'weighting' must be one of 'samples', 'uniform'"),
         ("max_update_norm", 0.0, r"'max_update_norm' must be null or a finite number > 0"),
         ("max_update_norm", "big", r"'max_update_norm' must be null or a finite number > 0"),
@@ -160,3 +163,66 @@ def test_load_plan_errors(tmp_path: Path) -> None:
     nan.write_text(json.dumps(_plan_dict(learning_rate=float("nan"))), encoding="utf-8")
     with pytest.raises(PlanError, match="NaN is not valid JSON"):
         load_plan(nan)
+
+
+def test_aggregation_defaults_to_fedavg_with_no_params() -> None:
+    plan = demo_plan()
+    assert plan.aggregation == "fedavg"
+    assert plan.aggregation_params == {}
+    assert plan.to_dict()["aggregation_params"] == {}
+    data = plan.to_dict()
+    del data["aggregation"], data["aggregation_params"]
+    assert TrainingPlan.from_dict(data).plan_hash == plan.plan_hash
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "params", "quorum"),
+    [
+        ("fedprox", {"mu": 0.01}, 2),
+        ("fedadam", {}, 2),
+        ("fedyogi", {"eta": 0.1, "tau": 1e-2}, 2),
+        ("fedadagrad", {"eta": 1}, 2),
+        ("median", {}, 3),
+        ("trimmed_mean", {"trim_fraction": 0.25}, 4),
+    ],
+)
+def test_strategies_are_accepted_and_their_params_hashed(
+    aggregation: str, params: dict[str, Any], quorum: int
+) -> None:
+    data = _plan_dict(
+        aggregation=aggregation, aggregation_params=params, quorum=quorum, min_sites=0
+    )
+    plan = TrainingPlan.from_dict(data)
+    assert plan.aggregation == aggregation and dict(plan.aggregation_params) == params
+    again = TrainingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.plan_hash == plan.plan_hash
+    assert hash(again) == hash(plan)
+    if params:
+        other = {k: v * 1.5 for k, v in params.items()}
+        data2 = _plan_dict(
+            aggregation=aggregation, aggregation_params=other, quorum=quorum, min_sites=0
+        )
+        assert TrainingPlan.from_dict(data2).plan_hash != plan.plan_hash
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "params", "quorum", "match", "field"),
+    [
+        ("fedprox", {}, 2, r"'mu' must be given for fedprox", "mu"),
+        ("fedprox", {"mu": 0}, 2, r"'mu'", "mu"),
+        ("fedadam", {"eta": -1.0}, 2, r"'eta'", "eta"),
+        ("trimmed_mean", {"trim_fraction": 0.1}, 4, r"trims nothing.*at least 10", "quorum"),
+        ("median", {}, 2, r"median of 2 update\(s\) is their mean.*at least 3", "quorum"),
+        ("median", {"k": 1}, 3, r"'median' has no setting\(s\) 'k'", "aggregation_params"),
+    ],
+)
+def test_unworkable_strategy_settings_are_refused_with_the_reason(
+    aggregation: str, params: dict[str, Any], quorum: int, match: str, field: str
+) -> None:
+    data = _plan_dict(
+        aggregation=aggregation, aggregation_params=params, quorum=quorum, min_sites=0
+    )
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(data)
+    assert info.value.code == "plan.invalid"
+    assert info.value.fields["field"] == field
