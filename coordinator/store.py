@@ -8,17 +8,16 @@ never touches this module; the server adapter persists what the engine decides.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from shared.errors import InvitationError, StorageError
+from shared.errors import InvitationError
+from shared.sqlite import open_database, transaction
 
 SCHEMA_VERSION = 1
 
@@ -55,14 +54,7 @@ class UpdateRecord:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=10000")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open {path}: {exc}", code="storage.open") from exc
-        self.db = sqlite_utils.Database(conn)
+        self.db = open_database(path, durable=True, what="federation database")
         self._migrate()
 
     def _t(self, name: str) -> sqlite_utils.db.Table:
@@ -71,14 +63,9 @@ class Store:
     def close(self) -> None:
         self.db.conn.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        try:
-            with self.db.conn:
-                self.db.conn.execute("BEGIN IMMEDIATE")
-                yield
-        except sqlite3.Error as exc:
-            raise StorageError(f"database write failed: {exc}", code="storage.write") from exc
+    def transaction(self) -> AbstractContextManager[None]:
+        """Durable: committed (and synced) before the caller acknowledges anything."""
+        return transaction(self.db, "federation database")
 
     def _migrate(self) -> None:
         with self.transaction():

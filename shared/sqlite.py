@@ -18,9 +18,13 @@ import sqlite_utils
 from shared.errors import StorageError
 
 
-def open_database(path: Path, *, durable: bool, what: str = "database") -> sqlite_utils.Database:
+def open_database(
+    path: Path, *, durable: bool, what: str = "database", create_folder: bool = False
+) -> sqlite_utils.Database:
+    """Open (creating the file if needed); the folder too only with ``create_folder``."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")

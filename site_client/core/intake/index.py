@@ -105,7 +105,7 @@ class SiteIndex:
     def __init__(self, path: Path, secret: bytes) -> None:
         self.path = path
         self._secret = secret
-        self.db = open_database(path, durable=False, what="study index")
+        self.db = open_database(path, durable=False, what="study index", create_folder=True)
         self._migrate()
 
     def close(self) -> None:
