@@ -133,6 +133,9 @@ def _print_status(status: dict, *, as_json: bool) -> None:
         for r in run["rounds"]:
             loss = "-" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
             print(f"    round {r['round']}: {r['status']}, {r['updates']} updates, loss {loss}")
+    shift = status["scanner_shift"]
+    if shift["level"] != "unknown":
+        print(f"  scanner shift: {shift['level']}. {shift['message']}")
     if status["rejected_updates"]:
         print(f"  rejected updates: {status['rejected_updates']}")
 

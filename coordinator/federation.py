@@ -14,6 +14,7 @@ from typing import Any
 
 from coordinator.blobs import BlobStore
 from coordinator.config import ConfigError, CoordinatorConfig, DataDir
+from coordinator.heterogeneity import scanner_shift
 from coordinator.store import RunRecord, Store
 from shared.crypto.keys import (
     generate_signing_key,
@@ -152,6 +153,7 @@ class Federation:
         return self.store.create_run(plan.plan_hash, digest, time.time() if now is None else now)
 
     def status(self) -> dict[str, Any]:
+        summaries = self.store.site_summaries()
         runs = []
         for run in self.store.runs():
             rounds = self.store.rounds(run.run_id)
@@ -183,5 +185,6 @@ class Federation:
             "plans": [{"plan_hash": p["plan_hash"], "name": p["name"]} for p in self.store.plans()],
             "runs": runs,
             "rejected_updates": len(self.store.rejections()),
-            "site_data_summaries": self.store.site_summaries(),
+            "site_data_summaries": summaries,
+            "scanner_shift": scanner_shift(summaries).to_dict(),
         }
