@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from coordinator.federation import Federation
+from coordinator.heterogeneity import scanner_shift
 from coordinator.localrun import LaunchError, LocalFederation
 from shared.imaging import LabelledImages, load_labelled_folder
 from shared.metrics import Metrics
@@ -105,6 +106,8 @@ def run_demo(*, sites: int, rounds: int, out: Path, seed: int = 0, timeout_s: fl
         _say(f"{'round':>5}  {'sites':>5}  {'train loss':>10}  {'global AUC':>10}")
         federated = _watch(fed, run_id, plan, test, t0 + timeout_s)
         lf.wait_sites(timeout=60)
+        shift = scanner_shift(fed.store.site_summaries())
+        _say(f"scanner shift between sites (from their shared counts): {shift.level}")
     finally:
         lf.stop()
         fed.close()
