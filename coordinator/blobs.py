@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from shared.errors import StorageError
+from shared.files import fsync_dir, write_durably
 
 
 class BlobStore:
@@ -40,9 +41,10 @@ class BlobStore:
     def put(self, data: bytes | memoryview) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if not self.has(digest):
-            tmp = self.partial / f"{digest}.tmp"
-            _write_durably(tmp, data)
-            self.adopt(tmp, digest)
+            try:
+                write_durably(self.path(digest), [data])
+            except OSError as exc:
+                raise StorageError(f"cannot store blob: {exc}", code="storage.write") from exc
         return digest
 
     def adopt(self, path: Path, digest: str) -> None:
@@ -51,27 +53,9 @@ class BlobStore:
         target.parent.mkdir(exist_ok=True)
         try:
             os.replace(path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             raise StorageError(f"cannot store blob: {exc}", code="storage.write") from exc
 
     def partial_path(self, name: str) -> Path:
         return self.partial / name
-
-
-def _write_durably(path: Path, data: bytes | memoryview) -> None:
-    try:
-        with open(path, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        raise StorageError(f"cannot write {path.name}: {exc}", code="storage.write") from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

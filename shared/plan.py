@@ -127,16 +127,7 @@ class TrainingPlan:
     min_sites: int = 0  # 0 means "= quorum"; resolved in __post_init__, so never 0 after
     round_deadline_s: float
     seed: int
-    aggregation: Literal[
-        "fedavg",
-        "fedprox",
-        "fedadam",
-        "fedyogi",
-        "fedadagrad",
-        "fedbn",
-        "median",
-        "trimmed_mean",
-    ] = "fedavg"
+    aggregation: str = "fedavg"  # one of shared.aggregation.AGGREGATIONS
     aggregation_params: Mapping[str, PreprocessValue] = field(default_factory=FrozenMap)
     weighting: Literal["samples", "uniform"] = "samples"
     max_update_norm: float | None = None

@@ -235,7 +235,7 @@ def test_bad_peers_get_a_failure_status_and_the_receiver_keeps_going(
     def disk_full(path, parts):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pacs, "_write_durably", disk_full)
+    monkeypatch.setattr(pacs, "write_durably", disk_full)
     assert _scu_store(receiver.port, pydicom.dcmread(_testfile("CT_small.dcm"))) == 0xA700
     monkeypatch.undo()
 

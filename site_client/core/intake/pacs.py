@@ -39,10 +39,8 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
 import queue
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +56,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from shared.errors import TesseraError
+from shared.files import write_durably
 from site_client.core.intake.importer import import_files
 
 if TYPE_CHECKING:
@@ -360,7 +359,7 @@ class PacsReceiver:
             meta = event.file_meta
             meta.SourceApplicationEntityTitle = calling
             path = inbox_path(self.inbox, study_uid, sop_uid)
-            _write_durably(
+            write_durably(
                 path,
                 (b"\x00" * 128, b"DICM", encode_file_meta(meta), request.DataSet.getbuffer()),
             )
@@ -484,33 +483,3 @@ def _peer_address(event: Event) -> str:
         return str(event.assoc.requestor.address)
     except Exception:
         return "?"
-
-
-def _write_durably(path: Path, parts: Sequence[bytes | memoryview]) -> None:
-    """Write ``parts`` to ``path`` so that it is either absent or complete, even after a
-    power cut: temporary file in the same folder, fsync, atomic rename, fsync the folder."""
-    new_dir = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:40]}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    if new_dir:
-        _fsync_dir(path.parent.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
