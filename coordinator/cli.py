@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.federation import Federation
 from shared.errors import TesseraError
 from shared.plan import load_plan
@@ -57,6 +57,19 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="serve the federation (websockets over TLS)")
 
+    charter = sub.add_parser("charter", help="the federation's terms that every site signs")
+    charter_sub = charter.add_subparsers(dest="charter_command", required=True)
+    publish = charter_sub.add_parser("publish", help="check, sign and publish a Markdown charter")
+    publish.add_argument("path", type=Path)
+    charter_sub.add_parser("list", help="list the published charter versions")
+
+    export = sub.add_parser("export", help="write a finished run's model, bundle and report")
+    export.add_argument("run_id", help="run id (a unique prefix is enough)")
+    export.add_argument("--out", type=Path, required=True, help="a new, empty folder")
+
+    check = sub.add_parser("verify", help="check an exported bundle offline")
+    check.add_argument("bundle", type=Path)
+
     demo = sub.add_parser("demo", help="the end-to-end federated demo on this machine")
     demo.add_argument("--sites", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=5)
@@ -84,6 +97,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from coordinator.demo import run_demo
 
         return run_demo(sites=args.sites, rounds=args.rounds, out=args.out, seed=args.seed)
+    if args.command == "verify":
+        return _verify(args.bundle)
     if args.command == "init":
         fed = Federation.init(
             args.data_dir,
@@ -114,6 +129,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             _print_status(fed.status(), as_json=args.json)
         elif args.command == "serve":
             return _serve(fed)
+        elif args.command == "charter" and args.charter_command == "publish":
+            record = fed.publish_charter(_read_file(args.path))
+            print(f"charter version {record.version} published (sha256 {record.sha256})")
+        elif args.command == "charter":
+            for c in fed.store.charters():
+                print(f"version {c.version}  {c.sha256}")
+        elif args.command == "export":
+            from coordinator.export import export_run
+
+            done = export_run(fed, args.run_id, args.out)
+            print(f"run {done.run_id} exported to {done.out}")
+            print(f"  model sha256 {done.model_sha256}")
+            print(f"  tree head: {done.head.size} entries, root {done.head.root}")
     finally:
         fed.close()
     return 0
@@ -138,6 +166,27 @@ def _print_status(status: dict, *, as_json: bool) -> None:
         print(f"  scanner shift: {shift['level']}. {shift['message']}")
     if status["rejected_updates"]:
         print(f"  rejected updates: {status['rejected_updates']}")
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", code="config.file") from exc
+
+
+def _verify(path: Path) -> int:
+    from shared.provenance.bundle import verify_bundle
+
+    try:
+        ok = verify_bundle(path)
+    except TesseraError as exc:
+        print(f"FAILED [{exc.code}]: {exc}", file=sys.stderr)
+        return 1
+    print(f"bundle OK: run {ok.run_id}, {ok.entries} log entries under {ok.heads} signed heads,")
+    print(f"  {ok.sites} site keys, {ok.updates} signed updates, model sha256 {ok.model_sha256}")
+    print(f"  last tree head: {ok.head.size} entries, root {ok.head.root}")
+    return 0
 
 
 def _serve(fed: Federation) -> int:

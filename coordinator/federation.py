@@ -15,7 +15,7 @@ from typing import Any
 from coordinator.blobs import BlobStore
 from coordinator.config import ConfigError, CoordinatorConfig, DataDir
 from coordinator.heterogeneity import scanner_shift
-from coordinator.store import RunRecord, Store
+from coordinator.store import CharterRecord, RunRecord, Store
 from shared.crypto.keys import (
     generate_signing_key,
     load_private_key,
@@ -24,7 +24,8 @@ from shared.crypto.keys import (
 )
 from shared.crypto.signing import sign
 from shared.crypto.tls import fingerprint_of_file, generate_self_signed
-from shared.errors import PlanError
+from shared.errors import GovernanceError, PlanError
+from shared.governance.charter import charter_hash, check_charter_text
 from shared.identity.invitation import Invitation, encode_invitation, new_token, token_digest
 from shared.models.registry import build_model
 from shared.models.state import model_arrays
@@ -44,7 +45,8 @@ class Federation:
     def open(cls, root: Path) -> Federation:
         paths = DataDir(Path(root))
         config = paths.load_config()
-        return cls(paths, config, Store(paths.database), BlobStore(paths.blobs))
+        store = Store(paths.database, head_key=load_private_key(paths.signing_key))
+        return cls(paths, config, store, BlobStore(paths.blobs))
 
     @classmethod
     def init(cls, root: Path, config: CoordinatorConfig, now: float | None = None) -> Federation:
@@ -57,12 +59,19 @@ class Federation:
         paths.save_config(config)
         paths.signing_key.parent.mkdir(parents=True, exist_ok=True)
         paths.tls_cert.parent.mkdir(parents=True, exist_ok=True)
-        save_private_key(generate_signing_key(), paths.signing_key)
+        key = generate_signing_key()
+        save_private_key(key, paths.signing_key)
         hosts = sorted({config.host, "localhost", "127.0.0.1"})
         generate_self_signed(paths.tls_cert, paths.tls_key, hosts=hosts)
-        fed = cls(paths, config, Store(paths.database), BlobStore(paths.blobs))
+        fed = cls(paths, config, Store(paths.database, head_key=key), BlobStore(paths.blobs))
         fed.store.set_meta("federation", config.federation)
-        fed.store.log("federation_created", now or time.time(), federation=config.federation)
+        with fed.store.transaction():
+            fed.store.log(
+                "federation_created",
+                now or time.time(),
+                federation=config.federation,
+                public_key=public_key_b64(key),
+            )
         return fed
 
     def close(self) -> None:
@@ -104,6 +113,32 @@ class Federation:
         )
         self.store.add_invitation(token_digest(token), site_name, now, expires)
         return encode_invitation(invitation)
+
+    # -- charter -------------------------------------------------------------------------
+
+    def publish_charter(self, data: bytes, now: float | None = None) -> CharterRecord:
+        """Check, sign and publish the next charter version; sites must sign it to take part."""
+        text = check_charter_text(data)
+        current = self.store.charter()
+        if current is not None and current.sha256 == charter_hash(text):
+            raise GovernanceError(
+                f"this text is already charter version {current.version}; edit it before "
+                "publishing a new version",
+                code="governance.charter_unchanged",
+            )
+        version = (current.version if current else 0) + 1
+        sha = charter_hash(text)
+        signature = sign(
+            self.signing_key(),
+            signed.CHARTER,
+            signed.charter_fields(federation=self.config.federation, version=version, sha256=sha),
+        )
+        self.store.publish_charter(
+            version, text, sha, signature, time.time() if now is None else now
+        )
+        record = self.store.charter(version)
+        assert record is not None
+        return record
 
     # -- plans and runs ------------------------------------------------------------------
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.errors import InvitationError
+from coordinator.ledger import Ledger
+from shared.errors import GovernanceError, InvitationError
 from shared.sqlite import open_database, transaction
 
 SCHEMA_VERSION = 1
@@ -41,6 +44,15 @@ class RunRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CharterRecord:
+    version: int
+    sha256: str
+    text: str
+    signature: str
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class UpdateRecord:
     run_id: str
     round: int
@@ -52,9 +64,14 @@ class UpdateRecord:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    """``head_key``: the coordinator's signing key; with it, every closed round gets a signed
+    tree head over the provenance log (see :mod:`coordinator.ledger`)."""
+
+    def __init__(self, path: Path, head_key: Ed25519PrivateKey | None = None) -> None:
         self.path = path
         self.db = open_database(path, durable=True, what="federation database")
+        self.ledger = Ledger(self.db)
+        self.head_key = head_key
         self._migrate()
 
     def _t(self, name: str) -> sqlite_utils.db.Table:
@@ -63,9 +80,15 @@ class Store:
     def close(self) -> None:
         self.db.conn.close()
 
-    def transaction(self) -> AbstractContextManager[None]:
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
         """Durable: committed (and synced) before the caller acknowledges anything."""
-        return transaction(self.db, "federation database")
+        try:
+            with transaction(self.db, "federation database"):
+                yield
+        except BaseException:
+            self.ledger.forget()  # it may have seen entries that were rolled back
+            raise
 
     def _migrate(self) -> None:
         with self.transaction():
@@ -160,8 +183,17 @@ class Store:
                 pk="site_id",
                 if_not_exists=True,
             )
-            self._t("events").create(
-                {"id": int, "at": float, "kind": str, "detail": str}, pk="id", if_not_exists=True
+            self.ledger.create_tables()
+            self._t("charters").create(
+                {
+                    "version": int,
+                    "sha256": str,
+                    "text": str,
+                    "signature": str,
+                    "published_at": float,
+                },
+                pk="version",
+                if_not_exists=True,
             )
             self._t("meta").upsert(
                 {"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key"
@@ -180,8 +212,8 @@ class Store:
             self._t("meta").upsert({"key": key, "value": value}, pk="key")
 
     def log(self, kind: str, now: float, **detail: Any) -> None:
-        """Append to the event log. Callers already inside a transaction stay in it."""
-        self._t("events").insert({"at": now, "kind": kind, "detail": json.dumps(detail)})
+        """Append to the provenance log. Callers already inside a transaction stay in it."""
+        self.ledger.append(kind, now, detail)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         where, args = ("kind = ?", [kind]) if kind else (None, None)
@@ -189,6 +221,41 @@ class Store:
             {**row, "detail": json.loads(row["detail"])}
             for row in self._t("events").rows_where(where, args, order_by="id")
         ]
+
+    # -- charter -------------------------------------------------------------------------
+
+    def publish_charter(self, version: int, text: str, sha256: str, signature: str, now: float):
+        """Store charter ``version`` (it must be the next one) and log its hash."""
+        with self.transaction():
+            current = self.charter()
+            expected = (current.version if current else 0) + 1
+            if version != expected:
+                raise GovernanceError(
+                    f"charter version {version} cannot follow version {expected - 1}; publish "
+                    "again",
+                    code="governance.charter_version",
+                )
+            self._t("charters").insert(
+                {
+                    "version": version,
+                    "sha256": sha256,
+                    "text": text,
+                    "signature": signature,
+                    "published_at": now,
+                }
+            )
+            self.log("charter_published", now, version=version, sha256=sha256, signature=signature)
+
+    def charter(self, version: int | None = None) -> CharterRecord | None:
+        """Charter ``version``, or the current (latest) one; ``None`` if none was published."""
+        if version is None:
+            rows = list(self._t("charters").rows_where(order_by="version desc", limit=1))
+        else:
+            rows = list(self._t("charters").rows_where("version = ?", [version]))
+        return CharterRecord(**rows[0]) if rows else None
+
+    def charters(self) -> list[CharterRecord]:
+        return [CharterRecord(**r) for r in self._t("charters").rows_where(order_by="version")]
 
     # -- invitations and sites -----------------------------------------------------------
 
@@ -243,7 +310,9 @@ class Store:
                 }
             )
             self._t("invitations").update(token_digest, {"used_at": now, "site_id": site.site_id})
-            self.log("site_enrolled", now, site_id=site.site_id, name=site.name)
+            self.log(
+                "site_enrolled", now, site_id=site.site_id, name=site.name, public_key=public_key
+            )
         return site
 
     def site(self, site_id: str) -> SiteRecord | None:
@@ -288,7 +357,7 @@ class Store:
                 },
                 pk="plan_hash",
             )
-            self.log("plan_registered", now, plan_hash=plan_hash, name=name)
+            self.log("plan_registered", now, plan_hash=plan_hash, name=name, signature=signature)
 
     def plan(self, plan_hash: str) -> dict[str, Any] | None:
         try:
@@ -371,6 +440,7 @@ class Store:
                 round=rnd,
                 attempt=attempt,
                 selected=sorted(selected),
+                model_in=model_in,
             )
         return attempt
 
@@ -385,6 +455,7 @@ class Store:
 
     def add_update(self, rec: UpdateRecord, signature: str) -> None:
         with self.transaction():
+            base = self.round_row(rec.run_id, rec.round)
             self._t("updates").insert(
                 {
                     "run_id": rec.run_id,
@@ -406,6 +477,8 @@ class Store:
                 site_id=rec.site_id,
                 digest=rec.digest,
                 num_samples=rec.num_samples,
+                base_model=base["model_in"] if base else None,
+                signature=signature,
             )
 
     def updates(self, run_id: str, rnd: int) -> list[UpdateRecord]:
@@ -494,9 +567,15 @@ class Store:
                 model=model_out,
                 n_updates=n_updates,
                 mean_loss=mean_loss,
+                inputs=[
+                    {"site_id": u.site_id, "digest": u.digest, "num_samples": u.num_samples}
+                    for u in self.updates(run_id, rnd)
+                ],
             )
             if final:
                 self.log("run_finished", now, run_id=run_id, model=model_out)
+            if self.head_key is not None:
+                self.ledger.sign_head(self.head_key, now, reason=f"{run_id} round {rnd}")
 
     def fail_round_attempt(self, run_id: str, rnd: int, reason: str, now: float) -> None:
         with self.transaction():

@@ -24,6 +24,13 @@ Tree::
     ├── TrainingError                     training.*
     │   └── TrainingCancelled
     ├── ConnectionFailed                  net.*    (unreachable coordinator, TLS pin mismatch)
+    ├── GovernanceError                   governance.* (charter, approvals, site policy)
+    ├── PrivacyError                      privacy.*
+    │   ├── PrivacyParameterError         invalid accountant, budget or quantisation settings
+    │   ├── PrivacyBudgetExceeded         a round would take a site past its epsilon cap
+    │   └── SecureAggregationError        privacy.secagg.*
+    │       ├── SecretSharingError        too few, duplicate or inconsistent Shamir shares
+    │       └── SecAggMessageRejected     forged, replayed, unexpected or unsafe messages
     ├── shared.provenance.errors.ProvenanceError  provenance.* (log rewritten, bad tree head)
     │
     │   defined beside the adapter that raises them (they name its settings):
@@ -147,3 +154,55 @@ class TrainingCancelled(TrainingError):
 
 class ConnectionFailed(TesseraError):
     code = "net.unreachable"
+
+
+class GovernanceError(TesseraError):
+    """Consortium terms or approvals do not allow this: no charter, an unsigned or refused
+    plan, a plan below a site's policy. The message says who must do what."""
+
+    code = "governance.error"
+
+
+# --- privacy ----------------------------------------------------------------------------
+
+
+class PrivacyError(TesseraError):
+    """Differential privacy or secure aggregation cannot go ahead as asked."""
+
+    code = "privacy.error"
+
+
+class PrivacyParameterError(PrivacyError):
+    """Invalid privacy settings: a noise multiplier, sample rate, delta, bound or threshold."""
+
+    code = "privacy.bad_parameter"
+
+
+class PrivacyBudgetExceeded(PrivacyError):
+    """A round would take a site past the largest epsilon its policy accepts."""
+
+    code = "privacy.budget_exceeded"
+
+
+class SecureAggregationError(PrivacyError):
+    """A secure-aggregation round cannot complete (Bonawitz et al., CCS 2017)."""
+
+    code = "privacy.secagg"
+
+
+class SecretSharingError(SecureAggregationError):
+    """Shamir shares that cannot give the secret back: too few, duplicate or inconsistent."""
+
+    code = "privacy.secagg.shares"
+
+
+class SecAggMessageRejected(SecureAggregationError):
+    """A secure-aggregation message that must not be used.
+
+    Codes: ``privacy.secagg.forged`` (signature, key or ciphertext does not match),
+    ``privacy.secagg.replayed`` (already seen, or bound to another run, round or site),
+    ``privacy.secagg.unexpected`` (not allowed in this state), ``privacy.secagg.unsafe_request``
+    (an unmasking request that would reveal both masks of one site).
+    """
+
+    code = "privacy.secagg.rejected"

@@ -50,9 +50,12 @@ _MAX_DIMS = 32  # numpy allows 64
 _MAX_ELEMENTS = 2**48
 
 
-def encode_tensors(arrays: Mapping[str, np.ndarray]) -> bytes:
+def encode_tensors(
+    arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """Serialise named arrays; the same names, dtypes, shapes and values always give the same
-    bytes (keys are sorted, no metadata)."""
+    bytes (keys are sorted; no metadata unless given: exported models carry their run, plan
+    and tree head in it)."""
     prepared: dict[str, np.ndarray] = {}
     for name in sorted(arrays):
         if not isinstance(name, str) or not name or name == _METADATA_KEY:
@@ -70,7 +73,16 @@ def encode_tensors(arrays: Mapping[str, np.ndarray]) -> bytes:
             )
         # safetensors copies from the array's raw pointer: it must be C-contiguous.
         prepared[name] = array if array.flags.c_contiguous else array.copy(order="C")
-    return safetensors.numpy.save(prepared)
+    return safetensors.numpy.save(prepared, metadata=dict(metadata) if metadata else None)
+
+
+def read_metadata(data: bytes | bytearray | memoryview) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors payload ({} if none), checked like a decode."""
+    _, header = _parse_header(memoryview(data).cast("B"))
+    metadata = header.get(_METADATA_KEY) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _malformed("metadata is not a map of strings")
+    return dict(metadata)
 
 
 def tensor_digest(data: bytes | bytearray | memoryview) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 AUTH = "auth"
+CHARTER = "charter"
 ENROL = "enrol"
 MODEL = "model"
 PLAN = "plan"
@@ -30,6 +31,11 @@ def enrol_fields(
         "site_name": site_name,
         "fingerprint": fingerprint,
     }
+
+
+def charter_fields(*, federation: str, version: int, sha256: str) -> dict[str, Any]:
+    """Signed by the coordinator when it publishes a charter and by a site that accepts it."""
+    return {"federation": federation, "version": version, "sha256": sha256}
 
 
 def plan_fields(*, plan_hash: str) -> dict[str, Any]:

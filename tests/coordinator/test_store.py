@@ -43,7 +43,9 @@ def test_enrolment_writes_site_and_event(store):
     assert store.site(site.site_id) == SiteRecord(site.site_id, "Site A", "PUBKEY", 1500.0)
     assert store.sites() == [site]
     events = store.events("site_enrolled")
-    assert [e["detail"] for e in events] == [{"site_id": site.site_id, "name": "Site A"}]
+    assert [e["detail"] for e in events] == [
+        {"site_id": site.site_id, "name": "Site A", "public_key": "PUBKEY"}
+    ]
     assert events[0]["at"] == 1500.0
     assert [e["kind"] for e in store.events()] == ["site_invited", "site_enrolled"]
     assert store.site("site-unknown") is None

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.export import export_run
 from coordinator.federation import Federation
 from coordinator.localrun import LocalFederation, free_port
 from shared.plan import demo_plan
+from shared.provenance.bundle import verify_bundle
 from shared.synthetic import generate_federation
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +91,11 @@ def test_two_sites_two_rounds_over_tls(launcher: LocalFederation) -> None:
     # the sites exited by themselves when the coordinator said the run was over
     assert all(site.proc.returncode == 0 for site in launcher.sites)
     assert all("finished after 2 rounds" in _log(site) for site in launcher.sites)
+    # the run exports to a bundle that an auditor verifies offline
+    exported = export_run(fed, run_id, launcher.root / "bundle")
+    checked = verify_bundle(exported.out)
+    assert checked.updates == 4 and checked.sites == 2
+    assert checked.heads >= 3  # one per closed round, one for the export
 
 
 def test_site_killed_mid_round_does_not_stop_the_round(launcher: LocalFederation) -> None:

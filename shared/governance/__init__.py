@@ -1,0 +1,1 @@
+"""Consortium governance as pure functions: the charter's content rules, what is signed."""
