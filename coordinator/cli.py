@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("verify", help="check an exported bundle offline")
     check.add_argument("bundle", type=Path)
 
+    privacy = sub.add_parser("privacy", help="differential-privacy planning")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    eps = privacy_sub.add_parser(
+        "epsilon", help="epsilon of the sampled Gaussian mechanism (RDP accountant, as Opacus)"
+    )
+    eps.add_argument("--noise-multiplier", type=float, required=True, help="noise std / clip")
+    eps.add_argument("--sample-rate", type=float, required=True, help="1 = full participation")
+    eps.add_argument("--steps", type=int, required=True, help="rounds (or DP-SGD steps)")
+    eps.add_argument("--delta", type=float, required=True, help="e.g. 1e-5")
+
     demo = sub.add_parser("demo", help="the end-to-end federated demo on this machine")
     demo.add_argument("--sites", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=5)
@@ -93,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "privacy":
+        from shared.privacy.accountant import get_epsilon
+
+        epsilon, _ = get_epsilon(
+            noise_multiplier=args.noise_multiplier,
+            sample_rate=args.sample_rate,
+            steps=args.steps,
+            delta=args.delta,
+        )
+        print(f"epsilon={epsilon:.6g}")
+        return 0
     if args.command == "demo":
         from coordinator.demo import run_demo
 

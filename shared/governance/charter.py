@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from shared.errors import GovernanceError
 
-MAX_CHARTER_BYTES = 1_000_000
+MAX_CHARTER_BYTES = 200_000  # it travels to every site inside one message header
 
 #: topic -> words of which one must appear in a Markdown heading of the charter.
 REQUIRED_TOPICS: dict[str, tuple[str, ...]] = {

@@ -381,3 +381,152 @@ class DataSummaryReport(Message):
 
     def __post_init__(self) -> None:
         check_summary(self.summary)
+
+
+# --- governance and provenance ----------------------------------------------------------
+
+_DECISIONS = ("approve", "refuse")
+_METRIC_NAMES = ("auc", "accuracy", "sensitivity", "specificity", "loss", "n")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GovernanceNotice(Message):
+    """What this site is asked to sign: the current charter (its text only if the site has not
+    signed that version) and the plans of pending or running runs with the site's recorded
+    decision on each. Sent after ``Welcome`` and whenever either changes."""
+
+    TYPE: ClassVar[str] = "governance_notice"
+    charter_version: int  # 0: no charter published
+    charter_sha256: str  # "" when none
+    charter_signature: str  # coordinator, over ("charter", {federation, version, sha256})
+    charter_text: str  # "" when the site already signed this version
+    charter_signed: bool  # the coordinator holds this site's signature on this version
+    plans: list[dict[str, Any]]  # {plan, plan_hash, plan_signature, decision}
+
+    def __post_init__(self) -> None:
+        _check(self.charter_version >= 0, "governance_notice.charter_version must be >= 0")
+        if self.charter_version:
+            _hex64(self.charter_sha256, "governance_notice.charter_sha256")
+        _check(len(self.plans) <= 64, "governance_notice.plans has too many plans")
+        for item in self.plans:
+            _check(
+                isinstance(item, dict)
+                and set(item) == {"plan", "plan_hash", "plan_signature", "decision"}
+                and isinstance(item["plan"], dict)
+                and isinstance(item["plan_signature"], str)
+                and item["decision"] in ("pending", *_DECISIONS),
+                "governance_notice.plans holds a malformed plan",
+            )
+            _hex64(item["plan_hash"], "governance_notice.plans.plan_hash")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CharterSignature(Message):
+    """A person at the site accepted charter ``version``; the site key signs it."""
+
+    TYPE: ClassVar[str] = "charter_signature"
+    version: int
+    sha256: str
+    person: str
+    signature: str  # site, over ("charter.accept", {federation, site_id, version, sha256, person})
+
+    def __post_init__(self) -> None:
+        _check(self.version >= 1, "charter_signature.version must be >= 1")
+        _hex64(self.sha256, "charter_signature.sha256")
+        _check(0 < len(self.person) <= 200, "charter_signature.person must be 1-200 characters")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanDecision(Message):
+    """A person at the site approved or refused a plan hash; a refusal carries its reason."""
+
+    TYPE: ClassVar[str] = "plan_decision"
+    plan_hash: str
+    decision: str  # approve | refuse
+    reason: str
+    person: str
+    signature: str  # site, over ("plan.decision", {federation, site_id, plan_hash, ...})
+
+    def __post_init__(self) -> None:
+        _hex64(self.plan_hash, "plan_decision.plan_hash")
+        _check(self.decision in _DECISIONS, "plan_decision.decision must be approve or refuse")
+        _check(len(self.reason) <= 2000, "plan_decision.reason is too long")
+        _check(
+            self.decision == "approve" or bool(self.reason.strip()),
+            "plan_decision.reason is required for a refusal",
+        )
+        _check(0 < len(self.person) <= 200, "plan_decision.person must be 1-200 characters")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ValidationReport(Message):
+    """The site's evaluation of a global model on its own held-out split: metrics only."""
+
+    TYPE: ClassVar[str] = "validation_report"
+    run_id: str
+    round: int  # the round that produced the model (0: the initial model)
+    model: str  # sha256 of the model evaluated
+    metrics: dict[str, Any]
+    signature: str  # site, over ("validation", {run_id, round, site_id, model, metrics})
+
+    def __post_init__(self) -> None:
+        _ident(self.run_id, "validation_report.run_id")
+        _check(self.round >= 0, "validation_report.round must be >= 0")
+        _hex64(self.model, "validation_report.model")
+        _check(
+            set(self.metrics) == set(_METRIC_NAMES),
+            f"validation_report.metrics must be exactly {', '.join(_METRIC_NAMES)}",
+        )
+        for name in _METRIC_NAMES[:-1]:
+            _check(_matches(self.metrics[name], float), f"validation_report.{name} must be finite")
+        _check(
+            _matches(self.metrics["n"], int) and self.metrics["n"] >= 1,
+            "validation_report.n must be a count >= 1",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadRequest(Message):
+    """The site asks for the latest signed tree head, a consistency proof from the last head it
+    saw (``known_size``, 0 if none) and inclusion proofs for its own updates."""
+
+    TYPE: ClassVar[str] = "head_request"
+    known_size: int
+    updates: list[dict[str, Any]]  # {run_id, round}
+
+    def __post_init__(self) -> None:
+        _check(self.known_size >= 0, "head_request.known_size must be >= 0")
+        _check(len(self.updates) <= 256, "head_request.updates asks for too many proofs")
+        for item in self.updates:
+            _check(
+                isinstance(item, dict)
+                and set(item) == {"run_id", "round"}
+                and isinstance(item["run_id"], str)
+                and _matches(item["round"], int),
+                "head_request.updates holds a malformed reference",
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadUpdate(Message):
+    """The latest signed tree head with the proofs a ``HeadRequest`` asked for (hex hashes)."""
+
+    TYPE: ClassVar[str] = "head_update"
+    head: dict[str, Any]  # TreeHead.to_dict()
+    consistency: list[str]
+    inclusions: list[dict[str, Any]]  # {entry: LogEntry.to_dict(), proof: [hex]}
+
+    def __post_init__(self) -> None:
+        _check(len(self.consistency) <= 128, "head_update.consistency is too long")
+        _check(len(self.inclusions) <= 256, "head_update.inclusions has too many proofs")
+        for item in self.inclusions:
+            _check(
+                isinstance(item, dict)
+                and set(item) == {"entry", "proof"}
+                and isinstance(item["entry"], dict)
+                and _matches(item["proof"], list[str])
+                and len(item["proof"]) <= 128,
+                "head_update.inclusions holds a malformed proof",
+            )
+        for value in [*self.consistency, *(h for i in self.inclusions for h in i["proof"])]:
+            _hex64(value, "head_update proof hash")

@@ -27,12 +27,17 @@ from shared.protocol.codec import DEFAULT_LIMITS, Limits, decode, encode
 from shared.protocol.messages import (
     Authenticate,
     Challenge,
+    CharterSignature,
     Chunk,
     ChunkAck,
     DataSummaryReport,
     Enrol,
     ErrorMessage,
+    GovernanceNotice,
+    HeadRequest,
+    HeadUpdate,
     Message,
+    PlanDecision,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -40,6 +45,7 @@ from shared.protocol.messages import (
     TransferOffer,
     UpdateAccepted,
     UpdateOffer,
+    ValidationReport,
     Welcome,
 )
 from shared.protocol.transfer import TransferReceiver, iter_chunks
@@ -271,6 +277,10 @@ class CoordinatorSession(_Session):
             UpdateOffer,
             RoundDecline,
             DataSummaryReport,
+            CharterSignature,
+            PlanDecision,
+            ValidationReport,
+            HeadRequest,
             ErrorMessage,
         ),
     }
@@ -330,6 +340,8 @@ class SiteSession(_Session):
             Chunk,
             UpdateAccepted,
             RunFinished,
+            GovernanceNotice,
+            HeadUpdate,
             ErrorMessage,
         ),
     }

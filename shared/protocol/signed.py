@@ -11,6 +11,9 @@ from typing import Any
 
 AUTH = "auth"
 CHARTER = "charter"
+CHARTER_ACCEPT = "charter.accept"
+PLAN_DECISION = "plan.decision"
+VALIDATION = "validation"
 ENROL = "enrol"
 MODEL = "model"
 PLAN = "plan"
@@ -36,6 +39,46 @@ def enrol_fields(
 def charter_fields(*, federation: str, version: int, sha256: str) -> dict[str, Any]:
     """Signed by the coordinator when it publishes a charter and by a site that accepts it."""
     return {"federation": federation, "version": version, "sha256": sha256}
+
+
+def charter_accept_fields(
+    *, federation: str, site_id: str, version: int, sha256: str, person: str
+) -> dict[str, Any]:
+    """Signed by a site when a person there accepts a charter version."""
+    return {
+        "federation": federation,
+        "site_id": site_id,
+        "version": version,
+        "sha256": sha256,
+        "person": person,
+    }
+
+
+def plan_decision_fields(
+    *, federation: str, site_id: str, plan_hash: str, decision: str, reason: str, person: str
+) -> dict[str, Any]:
+    """Signed by a site when a person there approves or refuses a plan."""
+    return {
+        "federation": federation,
+        "site_id": site_id,
+        "plan_hash": plan_hash,
+        "decision": decision,
+        "reason": reason,
+        "person": person,
+    }
+
+
+def validation_fields(
+    *, run_id: str, round: int, site_id: str, model: str, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Signed by a site with the metrics of its local validation of a global model."""
+    return {
+        "run_id": run_id,
+        "round": round,
+        "site_id": site_id,
+        "model": model,
+        "metrics": metrics,
+    }
 
 
 def plan_fields(*, plan_hash: str) -> dict[str, Any]:

@@ -17,10 +17,11 @@ Theory of operation
 :func:`verify_bundle` trusts nothing but the coordinator key recorded in the log's first entry
 and checks, in order: entries are whole and in order; every tree head is signed by that key and
 matches the Merkle root of the entries it covers (RFC 6962), and the last covers them all; site
-keys are the ones enrolled, and every update entry carries that site's signature; plan and
-charter texts hash to what the log recorded and carry the coordinator's signature; the model
-file is the one the log says was exported, holding the weights the final round produced; the
-PROV view is the one the entries give. It stops at the first thing that does not hold and
+keys are the ones enrolled, and every entry a site signed (update, charter signature, plan
+decision, validation report) carries that site's signature; plan and charter texts hash to what
+the log recorded and carry the coordinator's signature; the model file is the one the log says
+was exported, holding the weights the final round produced; the PROV view is the one the
+entries give. It stops at the first thing that does not hold and
 raises :class:`ProvenanceError` naming it (code ``bundle.*``).
 """
 
@@ -228,7 +229,46 @@ def _check_sites(b: Bundle) -> dict[str, str]:
     return {k: str(v) for k, v in listed.items()}
 
 
+_SITE_SIGNED = {
+    "charter_signed": lambda p, federation: (
+        signed.CHARTER_ACCEPT,
+        signed.charter_accept_fields(
+            federation=federation,
+            site_id=p["site_id"],
+            version=p["version"],
+            sha256=p["sha256"],
+            person=p["person"],
+        ),
+    ),
+    "plan_approved": lambda p, federation: (
+        signed.PLAN_DECISION,
+        signed.plan_decision_fields(
+            federation=federation,
+            site_id=p["site_id"],
+            plan_hash=p["plan_hash"],
+            decision=p["decision"],
+            reason=p["reason"],
+            person=p["person"],
+        ),
+    ),
+    "validation_reported": lambda p, federation: (
+        signed.VALIDATION,
+        signed.validation_fields(
+            run_id=p["run_id"],
+            round=p["round"],
+            site_id=p["site_id"],
+            model=p["model"],
+            metrics=p["metrics"],
+        ),
+    ),
+}
+_SITE_SIGNED["plan_refused"] = _SITE_SIGNED["plan_approved"]
+
+
 def _check_updates(entries: Sequence[LogEntry], site_keys: Mapping[str, str]) -> int:
+    """Every entry a site signed (updates, charter signatures, plan decisions, validations)
+    verifies with that site's key; every aggregated input was received. Returns the updates."""
+    federation = entries[0].payload.get("federation", "")
     plans = {
         e.payload["run_id"]: e.payload["plan_hash"] for e in entries if e.kind == "run_started"
     }
@@ -258,6 +298,17 @@ def _check_updates(entries: Sequence[LogEntry], site_keys: Mapping[str, str]) ->
                 ) from exc
             received.add((p["run_id"], p["round"], p["site_id"], p["digest"]))
             count += 1
+        elif e.kind in _SITE_SIGNED:
+            purpose, fields = _SITE_SIGNED[e.kind](p, federation)
+            try:
+                verify(site_keys.get(p.get("site_id", ""), ""), purpose, fields, p["signature"])
+            except (TesseraError, KeyError) as exc:
+                raise _fail(
+                    "bad_signature",
+                    f"entry {e.index}: the {e.kind.replace('_', ' ')} entry of "
+                    f"{p.get('site_id')} does not carry that site's signature",
+                    index=e.index,
+                ) from exc
         elif e.kind == "round_closed":
             for item in p.get("inputs", []):
                 if (p["run_id"], p["round"], item["site_id"], item["digest"]) not in received:

@@ -49,6 +49,11 @@ class SiteDir:
         return self.root / "index.db"
 
     @property
+    def governance_db(self) -> Path:
+        """What the site was offered, decided and signed, and the tree heads it checked."""
+        return self.root / "governance.db"
+
+    @property
     def pseudonym_key(self) -> Path:
         return self.root / "keys" / "pseudonym.key"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator import governance
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.store import UpdateRecord
@@ -20,6 +21,7 @@ from shared.crypto.signing import sign
 from shared.identity.invitation import decode_invitation, token_digest
 from shared.plan import TrainingPlan, demo_plan
 from shared.protocol import signed
+from shared.protocol.messages import CharterSignature, PlanDecision, ValidationReport
 from shared.tensors import decode_tensors, encode_tensors
 
 CHARTER = Path(__file__).parents[2] / "coordinator" / "templates" / "charter.md"
@@ -47,6 +49,47 @@ def build_finished_run(root: Path, rounds: int = 2) -> FinishedRun:
     plan = TrainingPlan.from_dict({**demo_plan().to_dict(), "rounds": rounds, "input_size": 32})
     plan_hash = fed.add_plan(plan, now=30.0)
     run = fed.start_run(plan_hash, now=40.0)
+    charter = fed.store.charter()
+    for n, (key, site_id) in enumerate(zip(keys, site_ids, strict=True)):
+        person = f"Dr. Reviewer {n}"
+        fields = signed.charter_accept_fields(
+            federation="Audit test",
+            site_id=site_id,
+            version=charter.version,
+            sha256=charter.sha256,
+            person=person,
+        )
+        governance.record_charter_signature(
+            fed,
+            site_id,
+            CharterSignature(
+                version=charter.version,
+                sha256=charter.sha256,
+                person=person,
+                signature=sign(key, signed.CHARTER_ACCEPT, fields),
+            ),
+            now=41.0 + n,
+        )
+        fields = signed.plan_decision_fields(
+            federation="Audit test",
+            site_id=site_id,
+            plan_hash=plan_hash,
+            decision="approve",
+            reason="",
+            person=person,
+        )
+        governance.record_plan_decision(
+            fed,
+            site_id,
+            PlanDecision(
+                plan_hash=plan_hash,
+                decision="approve",
+                reason="",
+                person=person,
+                signature=sign(key, signed.PLAN_DECISION, fields),
+            ),
+            now=43.0 + n,
+        )
     model = run.model_digest
     for rnd in range(1, rounds + 1):
         t = 100.0 * rnd
@@ -73,6 +116,30 @@ def build_finished_run(root: Path, rounds: int = 2) -> FinishedRun:
         mean = {k: (updates[0][k] + updates[1][k]) / np.float32(2) for k in weights}
         model = fed.blobs.put(encode_tensors(mean))
         fed.store.commit_round(run.run_id, rnd, model, 2, 0.5 / rnd, rnd == rounds, t + 30)
+        for i, (key, site_id) in enumerate(zip(keys, site_ids, strict=True)):
+            metrics = {
+                "auc": 0.7 + 0.1 * rnd - 0.05 * i,
+                "accuracy": 0.8,
+                "sensitivity": 0.75,
+                "specificity": 0.85,
+                "loss": 0.4,
+                "n": 20 + i,
+            }
+            fields = signed.validation_fields(
+                run_id=run.run_id, round=rnd, site_id=site_id, model=model, metrics=metrics
+            )
+            governance.record_validation(
+                fed,
+                site_id,
+                ValidationReport(
+                    run_id=run.run_id,
+                    round=rnd,
+                    model=model,
+                    metrics=metrics,
+                    signature=sign(key, signed.VALIDATION, fields),
+                ),
+                now=t + 40 + i,
+            )
     return FinishedRun(fed, run.run_id, site_ids)
 
 

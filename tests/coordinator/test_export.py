@@ -281,3 +281,30 @@ def test_plan_signature_in_the_log_is_the_coordinators(finished_run):
         signed.plan_fields(plan_hash=detail["plan_hash"]),
         detail["signature"],
     )
+
+
+def test_report_names_the_worst_site_and_shows_validation(exported):
+    page = (exported / layout.REPORT).read_text("utf-8")
+    assert "Worst site: South Clinic" in page
+    assert "validation AUC" in page
+    assert "0.850" in page  # North Hospital's AUC after round 2 (0.7 + 0.2 - 0.05 * 0)
+
+
+def test_a_forged_charter_signature_in_the_log_is_caught(exported, finished_run):
+    """Even a coordinator re-signing every head cannot invent a site's charter signature."""
+    from shared.provenance.log import LogEntry, ProvenanceLog
+
+    entries = [LogEntry.from_dict(json.loads(line)) for line in _lines(exported)]
+    for i, e in enumerate(entries):
+        if e.kind == "charter_signed":
+            entries[i] = LogEntry(
+                index=e.index, kind=e.kind, at=e.at, payload={**e.payload, "person": "Nobody"}
+            )
+            break
+    log = ProvenanceLog(entries)
+    head = log.head(finished_run.fed.signing_key(), 1.0)
+    _write_lines(exported, [e.leaf_bytes() + b"\n" for e in entries])
+    (exported / layout.HEADS).write_text(json.dumps([head.to_dict()]))
+    _edit_json(exported, layout.MANIFEST, lambda m: m.update(head=head.to_dict()))
+    with pytest.raises(ProvenanceError, match=r"charter signed entry .* does not carry"):
+        verify_bundle(exported)

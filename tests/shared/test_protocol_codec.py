@@ -16,13 +16,18 @@ from shared.protocol import (
     PROTOCOL_VERSION,
     Authenticate,
     Challenge,
+    CharterSignature,
     Chunk,
     ChunkAck,
     DataSummaryReport,
     Enrol,
     ErrorMessage,
+    GovernanceNotice,
+    HeadRequest,
+    HeadUpdate,
     Limits,
     Message,
+    PlanDecision,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -30,6 +35,7 @@ from shared.protocol import (
     TransferOffer,
     UpdateAccepted,
     UpdateOffer,
+    ValidationReport,
     Welcome,
     decode,
     encode,
@@ -163,6 +169,68 @@ STRATEGIES[DataSummaryReport] = st.builds(
             },
             "by_label": st.dictionaries(_names, _tables, max_size=3),
         }
+    ),
+)
+
+persons = sized_text(1, 60)
+plan_items = st.fixed_dictionaries(
+    {
+        "plan": st.dictionaries(texts, json_values, max_size=3),
+        "plan_hash": hex64,
+        "plan_signature": texts,
+        "decision": st.sampled_from(["pending", "approve", "refuse"]),
+    }
+)
+STRATEGIES[GovernanceNotice] = st.builds(
+    GovernanceNotice,
+    charter_version=st.integers(1, 1000),
+    charter_sha256=hex64,
+    charter_signature=texts,
+    charter_text=texts,
+    charter_signed=st.booleans(),
+    plans=st.lists(plan_items, max_size=3),
+)
+STRATEGIES[CharterSignature] = st.builds(
+    CharterSignature, version=st.integers(1, 1000), sha256=hex64, person=persons, signature=texts
+)
+STRATEGIES[PlanDecision] = st.builds(
+    PlanDecision,
+    plan_hash=hex64,
+    decision=st.just("refuse"),
+    reason=sized_text(1, 100).filter(str.strip),
+    person=persons,
+    signature=texts,
+)
+STRATEGIES[ValidationReport] = st.builds(
+    ValidationReport,
+    run_id=idents,
+    round=st.integers(0, 10_000),
+    model=hex64,
+    metrics=st.fixed_dictionaries(
+        {
+            **{m: finite for m in ("auc", "accuracy", "sensitivity", "specificity", "loss")},
+            "n": st.integers(1, 1 << 30),
+        }
+    ),
+    signature=texts,
+)
+STRATEGIES[HeadRequest] = st.builds(
+    HeadRequest,
+    known_size=st.integers(0, 1 << 40),
+    updates=st.lists(st.fixed_dictionaries({"run_id": idents, "round": rounds}), max_size=3),
+)
+STRATEGIES[HeadUpdate] = st.builds(
+    HeadUpdate,
+    head=st.dictionaries(texts, json_values, max_size=3),
+    consistency=st.lists(hex64, max_size=4),
+    inclusions=st.lists(
+        st.fixed_dictionaries(
+            {
+                "entry": st.dictionaries(texts, json_values, max_size=3),
+                "proof": st.lists(hex64, max_size=3),
+            }
+        ),
+        max_size=2,
     ),
 )
 
