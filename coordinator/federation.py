@@ -15,7 +15,8 @@ from typing import Any
 from coordinator.blobs import BlobStore
 from coordinator.config import ConfigError, CoordinatorConfig, DataDir
 from coordinator.heterogeneity import scanner_shift
-from coordinator.store import CharterRecord, RunRecord, Store
+from coordinator.store import RunRecord, Store
+from coordinator.store_governance import CharterRecord
 from shared.crypto.keys import (
     generate_signing_key,
     load_private_key,
