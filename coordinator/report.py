@@ -282,6 +282,48 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
         )
     else:
         out.append("<p class='warn'>No charter was published in this federation.</p>")
+    signatures = [e for e in entries if e.kind == "charter_signed"]
+    if signatures:
+        out.append(
+            _table(
+                ["Site", "Signed charter version", "Signed by", "When"],
+                [
+                    [
+                        names.get(e.payload["site_id"], e.payload["site_id"]),
+                        e.payload["version"],
+                        e.payload.get("person", ""),
+                        _time(e.at),
+                    ]
+                    for e in signatures
+                ],
+                {1},
+            )
+        )
+    decisions = [
+        e
+        for e in entries
+        if e.kind in ("plan_approved", "plan_refused") and e.payload["plan_hash"] == plan.plan_hash
+    ]
+    out.append("<h2>Plan approvals</h2>")
+    if decisions:
+        out.append(
+            _table(
+                ["Site", "Decision", "By", "Reason", "When"],
+                [
+                    [
+                        names.get(e.payload["site_id"], e.payload["site_id"]),
+                        "approved" if e.kind == "plan_approved" else "refused",
+                        e.payload.get("person", ""),
+                        e.payload.get("reason", ""),
+                        _time(e.at),
+                    ]
+                    for e in decisions
+                ],
+                set(),
+            )
+        )
+    else:
+        out.append("<p class='warn'>No site recorded a decision on this plan.</p>")
     out += [
         "<h2>Rounds</h2>",
         line_chart("Global model: mean training loss per round", loss_series, y_label="loss"),

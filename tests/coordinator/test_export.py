@@ -308,3 +308,10 @@ def test_a_forged_charter_signature_in_the_log_is_caught(exported, finished_run)
     _edit_json(exported, layout.MANIFEST, lambda m: m.update(head=head.to_dict()))
     with pytest.raises(ProvenanceError, match=r"charter signed entry .* does not carry"):
         verify_bundle(exported)
+
+
+def test_report_lists_charter_signatures_and_plan_approvals(exported):
+    page = (exported / layout.REPORT).read_text("utf-8")
+    assert "Plan approvals" in page
+    assert page.count("Dr. Reviewer 0") >= 2  # signed the charter and approved the plan
+    assert ">approved<" in page
