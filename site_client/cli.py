@@ -1,4 +1,4 @@
-"""``tessera-site``: the site's command line (headless mode; the desktop app comes next)."""
+"""``tessera-site``: the site's command line; with no command it opens the desktop app."""
 
 from __future__ import annotations
 
@@ -81,11 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     pacs.add_argument(
         "--host", default="0.0.0.0", help="address to listen on (default: all interfaces)"
     )
+    gui = sub.add_parser("gui", help="open the desktop app (also what no command does)")
+    gui.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the site's data folder (default: the one chosen last time, else ask)",
+    )
+    gui.add_argument(
+        "--screenshots",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="render every page with demo data into PNG files in DIR, then exit",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv or ["gui"])  # no command: the desktop app
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -105,10 +121,22 @@ def main(argv: list[str] | None = None) -> int:
             return _summary(args, site_dir)
         if args.command == "pacs-listen":
             return _pacs_listen(args, site_dir)
+        if args.command == "gui":
+            return _gui(args)
         return _run(args, site_dir)
     except TesseraError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2
+
+
+def _gui(args: argparse.Namespace) -> int:
+    """The desktop app; ``--data`` wins over a ``--data-dir`` given before the command."""
+    from site_client.gui.app import main as gui_main
+
+    data = args.data
+    if data is None and args.data_dir != DEFAULT_DIR:
+        data = args.data_dir
+    return gui_main(sys.argv[:1], data_dir=data, screenshots=args.screenshots)
 
 
 def _import(args: argparse.Namespace, site_dir: SiteDir) -> int:

@@ -1,0 +1,152 @@
+"""The site app's main window: a sidebar of pages and a status bar that always answers
+"what is running at my site right now?".
+
+The status bar has three parts, each bound to one source: the connection to the coordinator
+(``site_client.core.status``; a coloured dot and words, with the details in its tooltip),
+what the site is doing (the task runner's ``activity_changed``, with a small progress bar),
+and the PACS receiver (the Data page's PACS tab). Pages are reached with the mouse, the
+arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ...
+"""
+
+from __future__ import annotations
+
+from PySide6.QtGui import QCloseEvent, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QProgressBar,
+    QStackedWidget,
+    QWidget,
+)
+
+from site_client.core.config import SiteConfig, SiteDir
+from site_client.core.status import Connection, connection_text
+from site_client.gui.pages.data import DataPage
+from site_client.gui.pages.site import SitePage
+from site_client.gui.style import ERROR, IDLE, OK, WAITING, dot
+from site_client.gui.tasks import Progress, Task, TaskRunner
+
+__all__ = ["MainWindow"]
+
+_STATE_COLOURS = {
+    Connection.NOT_ENROLLED: IDLE,
+    Connection.OFFLINE: IDLE,
+    Connection.CONNECTING: WAITING,
+    Connection.CONNECTED: OK,
+    Connection.FAILED: ERROR,
+}
+
+
+class MainWindow(QMainWindow):
+    def __init__(
+        self,
+        site_dir: SiteDir,
+        config: SiteConfig,
+        runner: TaskRunner,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.site_dir = site_dir
+        self.config = config
+        self.runner = runner
+        runner.errors.dialog_parent = self
+        self.setWindowTitle(f"Tessera - {config.site_name} ({config.federation})")
+
+        self.data_page = DataPage(site_dir, runner)
+        self.site_page = SitePage(site_dir, config)
+        self.pages: list[tuple[str, QWidget, str]] = [
+            ("Data", self.data_page, "Import images and labels, and see what this site holds."),
+            ("This site", self.site_page, "This site's identity and the coordinator it trusts."),
+        ]
+        self.sidebar = QListWidget()
+        self.sidebar.setToolTip("Pages (Ctrl+1, Ctrl+2, ...)")
+        self.stack = QStackedWidget()
+        for i, (title, page, tip) in enumerate(self.pages):
+            item = QListWidgetItem(title)
+            item.setToolTip(tip)
+            self.sidebar.addItem(item)
+            self.stack.addWidget(page)
+            QShortcut(QKeySequence(f"Ctrl+{i + 1}"), self, activated=lambda i=i: self.show_page(i))
+        self.sidebar.currentRowChanged.connect(self.stack.setCurrentIndex)
+        self.sidebar.setFixedWidth(170)
+        self.sidebar.setSpacing(3)
+        font = self.sidebar.font()
+        font.setPointSizeF(font.pointSizeF() * 1.15)
+        self.sidebar.setFont(font)
+        central = QWidget()
+        layout = QHBoxLayout(central)
+        layout.addWidget(self.sidebar)
+        layout.addWidget(self.stack, 1)
+        self.setCentralWidget(central)
+
+        # -- status bar --------------------------------------------------------------------
+        self.connection_dot = QLabel()
+        self.connection_label = QLabel()
+        self.activity_label = QLabel()
+        self.activity_label.setToolTip("What Tessera is doing at this site right now.")
+        self.activity_bar = QProgressBar()
+        self.activity_bar.setMaximumWidth(160)
+        self.activity_bar.setTextVisible(False)
+        self.activity_bar.hide()
+        self.pacs_label = QLabel()
+        self.pacs_label.setToolTip("The DICOM receiver for images pushed from the PACS.")
+        bar = self.statusBar()
+        bar.addWidget(self.connection_dot)
+        bar.addWidget(self.connection_label)
+        bar.addWidget(QLabel("|"))
+        bar.addWidget(self.activity_label, 1)
+        bar.addPermanentWidget(self.pacs_label)
+        bar.addPermanentWidget(self.activity_bar)
+        runner.activity_changed.connect(self._activity)
+        runner.started.connect(self._task_started)
+        self.data_page.pacs.state_changed.connect(self._pacs)
+        self.set_connection(Connection.OFFLINE)
+        self._activity(runner.activity())
+        self._pacs("")
+
+        self.sidebar.setCurrentRow(0)
+        self.resize(1180, 760)
+        self.data_page.refresh()
+
+    def show_page(self, i: int) -> None:
+        self.sidebar.setCurrentRow(i)
+        self.sidebar.setFocus()
+
+    def set_connection(self, state: Connection) -> None:
+        text, tip = connection_text(state, self.config.coordinator_url)
+        self.connection_state = state
+        self.connection_dot.setPixmap(dot(_STATE_COLOURS[state]))
+        self.connection_label.setText(text)
+        for label in (self.connection_dot, self.connection_label):
+            label.setToolTip(tip)
+
+    def _activity(self, text: str) -> None:
+        self.activity_label.setText(text or "Nothing running")
+        busy = bool(text)
+        self.activity_bar.setVisible(busy)
+        task = self.runner.active()[-1] if self.runner.active() else None
+        p = task.last_progress if task is not None else None
+        if p is not None and p.total:
+            self.activity_bar.setRange(0, p.total)
+            self.activity_bar.setValue(p.done)
+        else:
+            self.activity_bar.setRange(0, 0)
+
+    def _task_started(self, task: Task[object]) -> None:
+        task.progressed.connect(self._progressed)
+
+    def _progressed(self, _p: Progress) -> None:
+        self._activity(self.runner.activity())
+
+    def _pacs(self, text: str) -> None:
+        self.pacs_label.setText(text or "PACS receiver off")
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        """Stop the receiver and the background work before the window goes."""
+        self.data_page.pacs.stop_now()
+        self.runner.shutdown(timeout_s=10.0)
+        self.runner.errors.close_dialogs()
+        event.accept()

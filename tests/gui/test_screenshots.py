@@ -1,0 +1,55 @@
+"""``tessera-site gui --screenshots DIR``: every page so far, rendered with demo data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtGui import QColor, QImage
+
+from site_client.cli import main
+from site_client.gui.style import ACCENT
+
+
+def distinct_colours(image: QImage, step: int = 4) -> int:
+    """Colours on a grid of pixels: 1 for a blank image, dozens for a rendered page."""
+    return len(
+        {
+            image.pixel(x, y)
+            for x in range(0, image.width(), step)
+            for y in range(0, image.height(), step)
+        }
+    )
+
+
+def test_the_blank_check_can_fail() -> None:
+    blank = QImage(40, 30, QImage.Format.Format_RGB32)
+    blank.fill(0xFFEEEEEE)
+    assert distinct_colours(blank) == 1
+
+
+def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shots"
+    assert main(["gui", "--screenshots", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [
+        "01-setup-data-folder.png",
+        "02-setup-invitation.png",
+        "03-data-import-and-labels.png",
+        "04-data-studies.png",
+        "05-data-summary.png",
+        "06-data-pacs-receiver.png",
+        "07-this-site.png",
+    ]
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
+    for f in files:
+        image = QImage(str(f))
+        assert not image.isNull() and image.width() >= 700 and image.height() >= 500, f.name
+        assert distinct_colours(image) > 20, f"{f.name} looks blank"
+    # the summary page carries the charts' accent colour: the demo data was drawn
+    summary = QImage(str(out / "05-data-summary.png"))
+    accent = QColor(ACCENT).rgb()
+    assert any(
+        summary.pixel(x, y) == accent
+        for x in range(0, summary.width(), 3)
+        for y in range(0, summary.height(), 3)
+    )
