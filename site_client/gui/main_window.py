@@ -5,7 +5,9 @@ The status bar has three parts, each bound to one source: the connection to the 
 (``site_client.core.status``; a coloured dot and words, with the details in its tooltip),
 what the site is doing (the task runner's ``activity_changed``, with a small progress bar),
 and the PACS receiver (the Data page's PACS tab). Pages are reached with the mouse, the
-arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ...
+arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ... The Governance and Activity pages read their
+records again each time they are shown (the participant adds offers and events to them in the
+background).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from PySide6.QtWidgets import (
 
 from site_client.core.config import SiteConfig, SiteDir
 from site_client.core.status import Connection, connection_text
+from site_client.gui.pages.activity import ActivityPage
 from site_client.gui.pages.data import DataPage
+from site_client.gui.pages.governance import GovernancePage
 from site_client.gui.pages.site import SitePage
 from site_client.gui.style import ERROR, IDLE, OK, WAITING, dot
 from site_client.gui.tasks import Progress, Task, TaskRunner
@@ -56,9 +60,22 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"Tessera - {config.site_name} ({config.federation})")
 
         self.data_page = DataPage(site_dir, runner)
+        self.governance_page = GovernancePage(site_dir, runner)
+        self.activity_page = ActivityPage(site_dir, runner)
         self.site_page = SitePage(site_dir, config)
         self.pages: list[tuple[str, QWidget, str]] = [
             ("Data", self.data_page, "Import images and labels, and see what this site holds."),
+            (
+                "Governance",
+                self.governance_page,
+                "The federation's charter, the training plans to approve or refuse, and this "
+                "hospital's policy.",
+            ),
+            (
+                "Activity",
+                self.activity_page,
+                "Everything this site did and signed, newest first; export it for your records.",
+            ),
             ("This site", self.site_page, "This site's identity and the coordinator it trusts."),
         ]
         self.sidebar = QListWidget()
@@ -66,11 +83,11 @@ class MainWindow(QMainWindow):
         self.stack = QStackedWidget()
         for i, (title, page, tip) in enumerate(self.pages):
             item = QListWidgetItem(title)
-            item.setToolTip(tip)
+            item.setToolTip(f"{tip} (Ctrl+{i + 1})")
             self.sidebar.addItem(item)
             self.stack.addWidget(page)
             QShortcut(QKeySequence(f"Ctrl+{i + 1}"), self, activated=lambda i=i: self.show_page(i))
-        self.sidebar.currentRowChanged.connect(self.stack.setCurrentIndex)
+        self.sidebar.currentRowChanged.connect(self._page_changed)
         self.sidebar.setFixedWidth(170)
         self.sidebar.setSpacing(3)
         font = self.sidebar.font()
@@ -114,6 +131,12 @@ class MainWindow(QMainWindow):
     def show_page(self, i: int) -> None:
         self.sidebar.setCurrentRow(i)
         self.sidebar.setFocus()
+
+    def _page_changed(self, i: int) -> None:
+        self.stack.setCurrentIndex(i)
+        page = self.stack.widget(i)
+        if page is self.governance_page or page is self.activity_page:
+            page.refresh()
 
     def set_connection(self, state: Connection) -> None:
         text, tip = connection_text(state, self.config.coordinator_url)

@@ -8,6 +8,12 @@ two scanners and a few files that cannot be used, and its labels file has a row 
 no image and one with a label that is not 0 or 1, so every report has something to show.
 The site is given a demo enrolment record (no coordinator is contacted); the PACS receiver
 is switched on on this computer only, on a free port, and off again.
+
+For the Governance and Activity pages, a throwaway coordinator key (made here, never saved)
+signs a charter and two plans, which are recorded into the demo site's governance record as
+the participant records real offers (signatures checked); the site gets a throwaway key of its
+own. The charter is then accepted, the first plan approved and the policy saved through the
+pages themselves, so the history and the timeline hold real, signed entries.
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PySide6.QtWidgets import QApplication, QWidget
 
+from shared.crypto.keys import generate_signing_key, public_key_b64, save_private_key
+from shared.crypto.signing import sign
+from shared.governance.charter import charter_hash
 from shared.identity.invitation import Invitation, encode_invitation, new_token
+from shared.plan import demo_plan
+from shared.protocol import signed
 from shared.synthetic import generate_federation
+from site_client.core.activity import open_governance
 from site_client.core.config import SiteConfig, SiteDir
 from site_client.core.pacs_settings import LOOPBACK
 
@@ -61,16 +74,71 @@ def _demo_export(root: Path, seed: int) -> tuple[Path, Path]:
     return export, labels
 
 
-def _demo_config() -> SiteConfig:
+DEMO_FEDERATION = "Demo chest X-ray federation"
+DEMO_CHARTER = """# Charter of the Demo Chest X-ray Federation
+
+A new version of this charter needs every hospital's signature again.
+
+## Data use policy
+
+Each hospital keeps its images and patient identifiers on its own premises. Only model
+updates and counts leave a hospital, and only for the training plans it approves.
+
+## Model ownership
+
+Models trained together are owned jointly by the participating hospitals.
+
+## Validation duties
+
+After every round each hospital checks the shared model on its own held-out studies and
+reports the figures (AUC, accuracy, sensitivity, specificity, loss, number of studies) only.
+
+## Contribution expectations
+
+Hospitals take part in the rounds of the plans they approved when they can, and keep their
+labels current.
+
+## Dispute resolution
+
+A hospital raises a dispute through Tessera; the consortium lead answers within 30 days.
+
+## Publication and authorship
+
+Each participating hospital names at least one author on publications using a shared model.
+"""
+
+
+def _demo_config(coordinator_key: str = "") -> SiteConfig:
     return SiteConfig(
         site_id="demo-site-7f3a",
         site_name="Demo General Hospital",
-        federation="Demo chest X-ray federation",
+        federation=DEMO_FEDERATION,
         coordinator_url="wss://coordinator.demo-consortium.example:8443",
         fingerprint=hashlib.sha256(b"tessera demo certificate").hexdigest(),
-        coordinator_key="",
-        enrolled_at=time.time(),
+        coordinator_key=coordinator_key,
+        enrolled_at=time.time() - 3 * 86400,
     )
+
+
+def _demo_offers(site_dir: SiteDir, coordinator: Ed25519PrivateKey) -> list[str]:
+    """Record a charter and two plans signed by ``coordinator``; returns the plan hashes."""
+    now = time.time()
+    governance = open_governance(site_dir)
+    try:
+        sha = charter_hash(DEMO_CHARTER)
+        fields = signed.charter_fields(federation=DEMO_FEDERATION, version=1, sha256=sha)
+        governance.record_charter(
+            1, sha, DEMO_CHARTER, sign(coordinator, signed.CHARTER, fields), now - 2 * 86400
+        )
+        hashes: list[str] = []
+        for i, (name, rounds) in enumerate((("chest-xray v1", 5), ("chest-xray v2", 20))):
+            plan = demo_plan(rounds=rounds, name=name, quorum=2, min_sites=3)
+            signature = sign(coordinator, signed.PLAN, signed.plan_fields(plan_hash=plan.plan_hash))
+            governance.record_plan(plan.plan_hash, plan.to_dict(), signature, now - 86400 + i)
+            hashes.append(plan.plan_hash)
+        return hashes
+    finally:
+        governance.close()
 
 
 def _demo_code() -> str:
@@ -120,7 +188,10 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         wizard.close()
 
         site_dir = SiteDir(root / "site")
-        site_dir.save(_demo_config())
+        coordinator = generate_signing_key()  # throwaway: it only signs the demo offers
+        site_dir.save(_demo_config(public_key_b64(coordinator)))
+        save_private_key(generate_signing_key(), site_dir.key_file)
+        first_plan, second_plan = _demo_offers(site_dir, coordinator)
         window = MainWindow(site_dir, site_dir.load(), runner)
         window.resize(*SIZE)
         window.show()
@@ -145,8 +216,45 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         _wait(runner)
         written.append(_save(window, out_dir / "06-data-pacs-receiver.png"))
         page.pacs.stop_now()
+        _wait(runner)
+
         window.show_page(1)
-        written.append(_save(window, out_dir / "07-this-site.png"))
+        governance = window.governance_page
+        _wait(runner)
+        governance.name.setText("Dr. Ada Byron")
+        governance.charter.sign(1, "Dr. Ada Byron")
+        _wait(runner)
+        governance.tabs.setCurrentIndex(2)
+        policy = governance.policy
+        policy.hours.setText("19:00-07:00")
+        policy.cpu.setValue(50)
+        policy.save()
+        _wait(runner)
+        governance.tabs.setCurrentIndex(1)
+        governance.plans.select(first_plan)
+        governance.plans.approve()
+        _wait(runner)
+        view = governance.view
+        if (
+            view is None
+            or view.charter is None
+            or not view.charter.accepted_by
+            or not view.plans
+            or view.plans[-1].record.decision != "approve"
+        ):
+            raise RuntimeError(f"the demo decisions were not recorded: {view}")
+        governance.tabs.setCurrentIndex(0)
+        written.append(_save(window, out_dir / "07-governance-charter.png"))
+        governance.tabs.setCurrentIndex(1)
+        governance.plans.select(second_plan)
+        written.append(_save(window, out_dir / "08-governance-plans.png"))
+        governance.tabs.setCurrentIndex(2)
+        written.append(_save(window, out_dir / "09-governance-policy.png"))
+        window.show_page(2)
+        _wait(runner)
+        written.append(_save(window, out_dir / "10-activity.png"))
+        window.show_page(3)
+        written.append(_save(window, out_dir / "11-this-site.png"))
         window.close()
     if errors.last is not None:  # a page would show an error instead of the demo data
         raise RuntimeError(f"the demo failed: {errors.last.title}: {errors.last.text}")

@@ -20,14 +20,22 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.server import CoordinatorServer
+from shared.crypto.keys import generate_signing_key, public_key_b64, save_private_key
+from shared.crypto.signing import sign
+from shared.governance.charter import charter_hash
+from shared.plan import demo_plan
+from shared.protocol import signed
 from shared.synthetic import FederationManifest, generate_federation
+from site_client.core.activity import open_governance
 from site_client.core.config import SiteConfig, SiteDir
 from site_client.gui.errors import ErrorReporter
 from site_client.gui.tasks import TaskRunner
@@ -116,3 +124,52 @@ def closed_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class GovernedSite:
+    """An enrolled site whose governance record holds a charter and a plan, offered and signed
+    by a coordinator key made for the test (as the participant records real offers)."""
+
+    site_dir: SiteDir
+    coordinator: Ed25519PrivateKey
+    site_key: Ed25519PrivateKey
+    charter_text: str
+    plan_hash: str
+
+
+CHARTER_TEXT = (
+    "# Charter of the Test Federation\n\n## Data use policy\n\nOnly updates leave. "
+    "<b>not bold</b>\n\n## Publication and authorship\n\nEvery site names an author.\n"
+)
+
+
+@pytest.fixture
+def governed_site(tmp_path: Path) -> GovernedSite:
+    coordinator, site_key = generate_signing_key(), generate_signing_key()
+    site_dir = SiteDir(tmp_path / "governed-site")
+    site_dir.save(
+        SiteConfig(
+            site_id="site-gov",
+            site_name="Governed Hospital",
+            federation="Test federation",
+            coordinator_url="wss://coordinator.test:8443",
+            fingerprint=hashlib.sha256(b"test").hexdigest(),
+            coordinator_key=public_key_b64(coordinator),
+            enrolled_at=time.time(),
+        )
+    )
+    save_private_key(site_key, site_dir.key_file)
+    plan = demo_plan(rounds=3, name="chest-xray v2")
+    sha = charter_hash(CHARTER_TEXT)
+    governance = open_governance(site_dir)
+    try:
+        fields = signed.charter_fields(federation="Test federation", version=1, sha256=sha)
+        governance.record_charter(
+            1, sha, CHARTER_TEXT, sign(coordinator, signed.CHARTER, fields), time.time()
+        )
+        signature = sign(coordinator, signed.PLAN, signed.plan_fields(plan_hash=plan.plan_hash))
+        governance.record_plan(plan.plan_hash, plan.to_dict(), signature, time.time())
+    finally:
+        governance.close()
+    return GovernedSite(site_dir, coordinator, site_key, CHARTER_TEXT, plan.plan_hash)

@@ -7,7 +7,7 @@ from pathlib import Path
 from PySide6.QtGui import QColor, QImage
 
 from site_client.cli import main
-from site_client.gui.style import ACCENT
+from site_client.gui.style import ACCENT, OK, WAITING
 
 
 def distinct_colours(image: QImage, step: int = 4) -> int:
@@ -38,7 +38,11 @@ def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> No
         "04-data-studies.png",
         "05-data-summary.png",
         "06-data-pacs-receiver.png",
-        "07-this-site.png",
+        "07-governance-charter.png",
+        "08-governance-plans.png",
+        "09-governance-policy.png",
+        "10-activity.png",
+        "11-this-site.png",
     ]
     assert capsys.readouterr().out.split() == [str(f) for f in files]
     for f in files:
@@ -53,3 +57,10 @@ def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> No
         for x in range(0, summary.width(), 3)
         for y in range(0, summary.height(), 3)
     )
+    # the plans page shows one plan approved (green) and one waiting (amber): the demo
+    # decisions went through the Governance page
+    plans = QImage(str(out / "08-governance-plans.png"))
+    colours = {
+        plans.pixel(x, y) for x in range(0, plans.width(), 2) for y in range(0, plans.height(), 2)
+    }
+    assert QColor(OK).rgb() in colours and QColor(WAITING).rgb() in colours
