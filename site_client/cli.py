@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import TesseraError
+from site_client import cli_governance
 from site_client.core.config import SiteDir
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="render every page with demo data into PNG files in DIR, then exit",
     )
+    cli_governance.add_parsers(sub)
     return p
 
 
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _summary(args, site_dir)
         if args.command == "pacs-listen":
             return _pacs_listen(args, site_dir)
+        if args.command in cli_governance.COMMANDS:
+            return cli_governance.dispatch(args, site_dir)
         if args.command == "gui":
             return _gui(args)
         return _run(args, site_dir)
