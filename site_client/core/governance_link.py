@@ -1,0 +1,253 @@
+"""The participant's governance duties, kept out of its connection loop (sans-I/O).
+
+What the site must do on the wire, decided from its own record (:mod:`.governance`):
+
+- on a ``GovernanceNotice``: keep the offered charter and plans (after checking the
+  coordinator's signatures), refuse on the site's behalf any plan below the site policy (signed,
+  with the policy's reasons, so the consortium lead reads why), and send every acceptance or
+  decision a person made here that the coordinator does not hold yet;
+- before training: train only for an approved plan hash, only inside the training hours;
+- on a ``HeadUpdate``: accept the new tree head only if it extends the last one this site saw
+  (else stop taking part: history was rewritten) and check that each of this site's accepted
+  updates is in the log exactly as it sent it;
+- after a round: sign the metrics of its validation of the global model.
+
+Methods take ``now`` and return messages; the participant sends them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.crypto.signing import sign
+from shared.errors import PlanError, TesseraError
+from shared.governance.policy import plan_refusals
+from shared.plan import TrainingPlan
+from shared.protocol import signed
+from shared.protocol.messages import (
+    GovernanceNotice,
+    HeadRequest,
+    HeadUpdate,
+    Message,
+    UpdateOffer,
+    ValidationReport,
+)
+from shared.provenance.errors import ProvenanceError
+from shared.provenance.log import LogEntry, TreeHead
+from site_client.core.config import SiteConfig
+from site_client.core.governance import SiteGovernance
+from site_client.core.governance_view import plan_privacy
+
+POLICY_PERSON = "Site policy (automatic)"
+MAX_PROOFS = 64
+
+
+class GovernanceLink:
+    def __init__(self, record: SiteGovernance, config: SiteConfig, key: Ed25519PrivateKey):
+        self.record = record
+        self.config = config
+        self.key = key
+
+    # -- notices -------------------------------------------------------------------------
+
+    def on_notice(self, notice: GovernanceNotice, now: float) -> list[Message]:
+        out: list[Message] = []
+        if notice.charter_version:
+            if notice.charter_text:
+                self.record.record_charter(
+                    notice.charter_version,
+                    notice.charter_sha256,
+                    notice.charter_text,
+                    notice.charter_signature,
+                    now,
+                )
+            mine = self.record.charter_signature(notice.charter_version)
+            if mine is not None and not notice.charter_signed:
+                out.append(mine)
+        policy = self.record.policy()
+        for item in notice.plans:
+            try:
+                plan = self.record.record_plan(
+                    item["plan_hash"], item["plan"], item["plan_signature"], now
+                )
+            except PlanError as exc:
+                self.record.note(
+                    "plan_unrunnable", now, plan_hash=item["plan_hash"], reason=exc.message
+                )
+                continue
+            local = self.record.plan(item["plan_hash"])
+            assert local is not None
+            if local.decision == "pending":
+                reasons = plan_refusals(policy, **_privacy(plan))
+                if reasons:
+                    out.append(
+                        self.record.decide_plan(
+                            item["plan_hash"],
+                            approve=False,
+                            reason=" ".join(reasons),
+                            person=POLICY_PERSON,
+                            key=self.key,
+                            now=now,
+                        )
+                    )
+                    continue
+            decision = self.record.plan_decision(item["plan_hash"])
+            if decision is not None and decision.decision != item["decision"]:
+                out.append(decision)
+        return out
+
+    def pending_decisions(self) -> list[Message]:
+        """Every signed acceptance and decision, to send after a reconnect (the coordinator
+        records each once; repeats are harmless)."""
+        out: list[Message] = []
+        charter = self.record.charter()
+        if charter is not None:
+            mine = self.record.charter_signature(charter.version)
+            if mine is not None:
+                out.append(mine)
+        for plan in self.record.plans():
+            decision = self.record.plan_decision(plan.plan_hash)
+            if decision is not None:
+                out.append(decision)
+        return out
+
+    # -- invitations ---------------------------------------------------------------------
+
+    def refusal(self, plan_hash: str, now: float) -> tuple[str, str] | None:
+        """Why this site must not train for ``plan_hash`` now (code, reason), or ``None``."""
+        record = self.record.plan(plan_hash)
+        if record is None or record.decision == "pending":
+            return (
+                "governance.plan_not_approved",
+                f"plan {plan_hash[:12]} is waiting for approval at this site",
+            )
+        if record.decision != "approve":
+            return (
+                "governance.plan_refused",
+                f"this site refused plan {plan_hash[:12]}: {record.reason}",
+            )
+        policy = self.record.policy()
+        reasons = plan_refusals(policy, **_privacy(record.plan))
+        if reasons:
+            return "governance.below_policy", " ".join(reasons)
+        local = datetime.datetime.fromtimestamp(now)
+        if not policy.may_train_at(local.hour * 60 + local.minute):
+            return (
+                "governance.outside_hours",
+                f"this site trains only between {policy.training_hours} (its policy)",
+            )
+        return None
+
+    def threads(self, cpu_count: int) -> int:
+        return self.record.policy().threads(cpu_count)
+
+    # -- the log -------------------------------------------------------------------------
+
+    def contributed(self, offer: UpdateOffer, now: float) -> None:
+        """The coordinator acknowledged this update: check for it in the log later."""
+        self.record.note(
+            "update_accepted",
+            now,
+            run_id=offer.run_id,
+            round=offer.round,
+            digest=offer.update_offer.sha256,
+            signature=offer.signature,
+            num_samples=offer.num_samples,
+        )
+
+    def _unverified(self) -> list[dict[str, Any]]:
+        verified = {
+            (a["detail"]["run_id"], a["detail"]["round"])
+            for a in self.record.activity()
+            if a["kind"] == "contribution_verified"
+        }
+        return [
+            a["detail"]
+            for a in self.record.activity()
+            if a["kind"] == "update_accepted"
+            and (a["detail"]["run_id"], a["detail"]["round"]) not in verified
+        ][-MAX_PROOFS:]
+
+    def head_request(self) -> HeadRequest:
+        head = self.record.witness().head
+        return HeadRequest(
+            known_size=head.size if head else 0,
+            updates=[{"run_id": u["run_id"], "round": u["round"]} for u in self._unverified()],
+        )
+
+    def on_head_update(self, msg: HeadUpdate, now: float) -> int:
+        """Accept the new head or raise ``ProvenanceError``; returns how many of this site's
+        updates were newly proven to be in the log as sent."""
+        witness = self.record.witness()
+        try:
+            head = TreeHead.from_dict(msg.head)
+        except TesseraError as exc:
+            raise ProvenanceError(
+                f"The coordinator sent a damaged tree head: {exc}",
+                code="provenance.bad_head",
+            ) from exc
+        witness.observe(head, [bytes.fromhex(h) for h in msg.consistency])
+        self.record.save_witness(witness, now)
+        expected = {(u["run_id"], u["round"]): u for u in self._unverified()}
+        proven = 0
+        for item in msg.inclusions:
+            entry = LogEntry.from_dict(item["entry"])
+            p = entry.payload
+            mine = expected.get((p.get("run_id"), p.get("round")))
+            if mine is None or p.get("site_id") != self.config.site_id:
+                continue
+            if p.get("digest") != mine["digest"] or p.get("signature") != mine["signature"]:
+                raise ProvenanceError(
+                    f"The coordinator's log records this site's update for round {p.get('round')}"
+                    " differently from what the site sent. Stop taking part in this federation "
+                    "and contact the consortium lead.",
+                    code="provenance.misrecorded",
+                )
+            witness.check_inclusion(entry, [bytes.fromhex(h) for h in item["proof"]], head)
+            self.record.note(
+                "contribution_verified",
+                now,
+                run_id=p["run_id"],
+                round=p["round"],
+                index=entry.index,
+                tree_size=head.size,
+            )
+            proven += 1
+        return proven
+
+    # -- validation ----------------------------------------------------------------------
+
+    def validation_report(
+        self, run_id: str, rnd: int, model: str, metrics: dict[str, Any], now: float
+    ) -> ValidationReport:
+        metrics = json.loads(json.dumps(metrics))  # plain JSON numbers, as they will be signed
+        fields = signed.validation_fields(
+            run_id=run_id, round=rnd, site_id=self.config.site_id, model=model, metrics=metrics
+        )
+        report = ValidationReport(
+            run_id=run_id,
+            round=rnd,
+            model=model,
+            metrics=metrics,
+            signature=sign(self.key, signed.VALIDATION, fields),
+        )
+        self.record.note(
+            "validation_reported", now, run_id=run_id, round=rnd, model=model, metrics=metrics
+        )
+        return report
+
+
+def _privacy(plan: TrainingPlan) -> dict[str, Any]:
+    privacy = plan_privacy(plan)
+    return {
+        "epsilon": privacy.epsilon,
+        "delta": privacy.delta,
+        "secure_aggregation": privacy.secure_aggregation,
+    }
+
+
+__all__ = ["POLICY_PERSON", "GovernanceLink"]
