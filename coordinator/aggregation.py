@@ -35,6 +35,7 @@ from shared.aggregation import (
     ServerOptConfig,
     ServerOptState,
     StrategyConfig,
+    TensorLayout,
     TrimmedMeanConfig,
     aggregate_deltas,
     apply_aggregate,
@@ -48,13 +49,23 @@ from shared.tensors import decode_tensors, encode_tensors
 READ_CHUNK = 1 << 20
 
 
-def check_update(path: Path, blobs: BlobStore, model_digest: str, max_norm: float | None) -> float:
+def check_update(
+    path: Path,
+    blobs: BlobStore,
+    model_digest: str,
+    max_norm: float | None,
+    *,
+    layout: TensorLayout | None = None,
+) -> float:
     """Validate a received update against the round's model; returns its L2 norm.
 
-    Raises ``UpdateError`` with a stable code for garbage bytes, wrong names, shapes or
-    dtypes, NaN/Inf, values out of range and norms beyond the plan's bound.
+    ``layout``: the model's, when the caller holds it (it is the same for every update of a
+    run), so the model is not read and decoded again for each update. Raises ``UpdateError``
+    with a stable code for garbage bytes, wrong names, shapes or dtypes, NaN/Inf, values out
+    of range and norms beyond the plan's bound.
     """
-    layout = layout_of(decode_tensors(blobs.get(model_digest)))
+    if layout is None:
+        layout = layout_of(decode_tensors(blobs.get(model_digest)))
     update = decode_tensors(path.read_bytes())
     return validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
 
@@ -74,12 +85,16 @@ def aggregate_round(
     updates: Sequence[UpdateRecord],
     strategy: StrategyConfig,
     opt_state: str | None = None,
+    *,
+    base: Mapping[str, np.ndarray] | None = None,
 ) -> RoundResult:
     """The next global model from the round's ``updates`` under ``strategy``.
 
     ``opt_state``: for a server optimiser, the digest of the state blob the previous round
     recorded, or ``None`` in the first round (the optimiser then starts from
-    ``initial_state``); it must be ``None`` for the other strategies. Raises ``UpdateError``
+    ``initial_state``); it must be ``None`` for the other strategies. ``base``: the decoded
+    weights of ``model_digest`` when the caller already holds them (decoded while the sites
+    trained), so they are not read, hashed and decoded again here. Raises ``UpdateError``
     (bad or mismatched updates, unusable state) or ``StorageError`` (a blob missing or
     corrupted on disk).
     """
@@ -87,7 +102,8 @@ def aggregate_round(
         raise UpdateError("no updates to aggregate", code="update.empty")
     if opt_state is not None and not isinstance(strategy, ServerOptConfig):
         raise ValueError(f"{strategy.name} keeps no server state")
-    base = decode_tensors(blobs.get(model_digest))
+    if base is None:
+        base = decode_tensors(blobs.get(model_digest))
     if isinstance(strategy, MedianConfig | TrimmedMeanConfig):
         decoded = [decode_tensors(blobs.get(u.digest)) for u in updates]
         delta = aggregate_deltas(strategy, decoded)

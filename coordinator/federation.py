@@ -183,6 +183,7 @@ class Federation:
             plan.architecture,
             plan.architecture_version,
             input_size=plan.input_size,
+            params=plan.architecture_params,
             seed=plan.seed,
         )
         digest = self.blobs.put(encode_tensors(model_arrays(model)))

@@ -6,6 +6,9 @@ process started through its own command line (``tessera-coordinator serve``,
 as on separate machines; nothing here imports the site's code. A site is set up as a hospital
 would set it up: enrolled with its invitation code, its DICOM folder imported into its study
 index with the labels file attached, then ``run`` trains on what was imported.
+
+Each side appends its per-round phase timings to ``timings.jsonl`` in its own data directory
+(``shared.phases``); ``LocalFederation.timings()`` collects them, for the benchmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from shared.errors import TesseraError
+from shared.phases import TIMINGS_FILE, RoundTimings, read_timings
 from shared.plan import TrainingPlan
 
 
@@ -169,6 +173,13 @@ class LocalFederation:
                 site.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired as exc:
                 raise LaunchError(f"site {site.name} did not finish in time") from exc
+
+    def timings(self) -> list[RoundTimings]:
+        """Every round's phase timings written so far: the coordinator's, then each site's."""
+        records = read_timings(self.coordinator_dir / TIMINGS_FILE)
+        for site in self.sites:
+            records += read_timings(site.data_dir / TIMINGS_FILE)
+        return records
 
     def kill_coordinator(self) -> None:
         if self.coordinator is not None and self.coordinator.poll() is None:

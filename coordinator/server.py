@@ -3,8 +3,18 @@
 Theory of operation: one ``CoordinatorSession`` per site connection turns frames into
 events; this module does the I/O those events need (database, blob files, signatures) and
 feeds the outcome to the ``RoundEngine``, whose actions it then carries out. Everything runs
-on one event loop; CPU-heavy steps (update validation, aggregation) run in a worker thread.
-Nothing here decides policy: that is the engine's job.
+on one event loop; CPU-heavy and blocking steps (update validation, aggregation, hashing and
+fsyncing large blobs) run in worker threads, and a durable write is always awaited before the
+acknowledgement it backs is sent. Nothing here decides policy: that is the engine's job.
+
+Per round, the global model is encoded, hashed and signed once: aggregation hands the new
+model's bytes and digest straight to the next round's offer, which every invited site shares.
+The model is also decoded once per round, in a worker thread while the sites download and
+train: its layout checks each update and its weights go into the aggregate. Each
+round's phases (model encode, aggregate, persist, commit) are timed with a monotonic clock and
+appended to ``timings.jsonl`` in the data directory when the round is committed
+(``shared.phases``). The round path does not poll; the supervisor's timer only picks up runs
+started from the admin CLI (another process) and fires deadlines.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -35,11 +47,17 @@ from coordinator.engine import (
 )
 from coordinator.federation import Federation
 from coordinator.store import RunRecord, UpdateRecord
-from shared.aggregation import ServerOptConfig, StrategyConfig, make_strategy
+from shared.aggregation import (
+    ServerOptConfig,
+    StrategyConfig,
+    layout_of,
+    make_strategy,
+)
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import server_ssl_context
 from shared.errors import StorageError, TesseraError, TransferError
 from shared.identity.invitation import token_digest
+from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
 from shared.protocol import signed
 from shared.protocol.codec import DEFAULT_LIMITS, Limits
@@ -67,7 +85,8 @@ from shared.protocol.session import (
     TransferComplete,
     TransferFailed,
 )
-from shared.protocol.transfer import make_offer
+from shared.protocol.transfer import chunk_frames, make_offer
+from shared.tensors import decode_tensors
 
 log = logging.getLogger("tessera.coordinator")
 
@@ -105,10 +124,12 @@ class CoordinatorServer:
         limits: Limits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
         admin_poll_s: float = 0.5,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fed = fed
         self.limits = limits
         self.clock = clock
+        self.monotonic = monotonic  # phase timings only; decisions use ``clock``
         self.admin_poll_s = admin_poll_s
         self.key = fed.signing_key()
         self.public_key = fed.public_key()
@@ -119,6 +140,11 @@ class CoordinatorServer:
         self.plan_signature = ""
         self.engine: RoundEngine | None = None
         self.model: RoundModel | None = None
+        self.timings: list[RoundTimings] = []  # this process's rounds, also in timings.jsonl
+        self._timer: PhaseClock | None = None
+        self._fresh: tuple[str, bytes] | None = None  # the model aggregation just stored
+        # The round's model decoded (digest, task): for update checks and the aggregate.
+        self._decoded: tuple[str, asyncio.Task[dict[str, np.ndarray]]] | None = None
         self.port: int | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -139,6 +165,9 @@ class CoordinatorServer:
             max_size=self.limits.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
+            # permessage-deflate stays available to clients that ask (bounded by max_size as
+            # it inflates); Tessera sites do not ask: float weights barely compress, and
+            # zlib over a 20 MB model costs seconds per round (participant.py).
         ) as server:
             self.port = next(iter(server.sockets)).getsockname()[1]
             self.fed.paths.port_file.write_text(str(self.port))
@@ -185,6 +214,7 @@ class CoordinatorServer:
             reported=stored,
         )
         self.model = None
+        self._timer = None
         log.info(
             "run %s at round %d (%d updates on disk)", run.run_id, run.current_round, len(stored)
         )
@@ -207,6 +237,8 @@ class CoordinatorServer:
         assert self.run is not None and self.plan is not None and self.engine is not None
         now = self.clock()
         if isinstance(action, OpenRound):
+            timer = self._round_timer(action.round)
+            started = self.monotonic()
             self.fed.store.open_round(
                 self.run.run_id,
                 action.round,
@@ -215,7 +247,10 @@ class CoordinatorServer:
                 now,
                 action.deadline,
             )
+            opened = self.monotonic()
+            timer.add("commit", opened - started)
             self._prepare_model(action.round)
+            timer.add("model_encode", self.monotonic() - opened)
         elif isinstance(action, InviteSite):
             conn = self.connections.get(action.site_id)
             if conn is not None:
@@ -226,18 +261,33 @@ class CoordinatorServer:
             log.warning("round %d retried: %s", action.round, action.reason)
             self.fed.store.fail_round_attempt(self.run.run_id, action.round, action.reason, now)
         elif isinstance(action, FinishRun):
+            self._fresh = self._decoded = None  # no next round to send them to
             self.run = self.fed.store.run(self.run.run_id)
             log.info("run finished after %d rounds", action.rounds)
             for conn in list(self.connections.values()):
                 self._send_finished(conn)
 
+    def _round_timer(self, rnd: int) -> PhaseClock:
+        """The phase clock of round ``rnd``, started when it first opens (a retried round
+        keeps its clock: the retry is part of its time)."""
+        assert self.run is not None
+        timer = self._timer
+        if timer is None or (timer.run_id, timer.round) != (self.run.run_id, rnd):
+            timer = self._timer = PhaseClock("coordinator", self.run.run_id, rnd, self.monotonic())
+            timer.cpu -= time.process_time()  # the round's share is added when it is recorded
+        return timer
+
     def _prepare_model(self, rnd: int) -> None:
+        """Offer and signature of the round's global model, made once for every site. The
+        bytes come from the aggregation that made them (already hashed as they were stored)
+        or, after a start, from the blob store, which checks them against their digest."""
         assert self.run is not None and self.plan is not None
         if self.model is not None and self.model.round == rnd:
             return
         digest = self.run.model_digest
-        data = self.fed.blobs.get(digest)
-        offer = make_offer("m-" + digest, data, self.limits.chunk_size)
+        fresh, self._fresh = self._fresh, None
+        data = fresh[1] if fresh is not None and fresh[0] == digest else self.fed.blobs.get(digest)
+        offer = make_offer("m-" + digest, data, self.limits.chunk_size, sha256=digest)
         signature = sign(
             self.key,
             signed.MODEL,
@@ -246,6 +296,17 @@ class CoordinatorServer:
             ),
         )
         self.model = RoundModel(rnd, data, offer, signature)
+        if self._decoded is None or self._decoded[0] != digest:
+            task = asyncio.ensure_future(asyncio.to_thread(_decode_frozen, data))
+            self._decoded = (digest, task)
+
+    async def _model_arrays(self, model_digest: str) -> dict[str, np.ndarray]:
+        """The decoded weights of ``model_digest``: those decoded when the round opened, or
+        read from the blob store (which checks them) for a model no round has sent."""
+        if self._decoded is not None and self._decoded[0] == model_digest:
+            return await asyncio.shield(self._decoded[1])
+        data = await asyncio.to_thread(self.fed.blobs.get, model_digest)
+        return await asyncio.to_thread(_decode_frozen, data)
 
     def _invite(self, conn: Connection, rnd: int) -> None:
         assert self.run is not None and self.plan is not None
@@ -283,13 +344,27 @@ class CoordinatorServer:
         strategy = make_strategy(
             plan.aggregation, plan.aggregation_params, weighting=plan.weighting
         )
+        timer = self._round_timer(action.round)
         try:
             state_in = self._opt_state_before(run.run_id, action.round, strategy)
+            started = self.monotonic()
+            base = await self._model_arrays(run.model_digest)
             result = await asyncio.to_thread(
-                aggregate_round, self.fed.blobs, run.model_digest, updates, strategy, state_in
+                functools.partial(
+                    aggregate_round,
+                    self.fed.blobs,
+                    run.model_digest,
+                    updates,
+                    strategy,
+                    state_in,
+                    base=base,
+                )
             )
-            state_out = None if result.opt_state is None else self.fed.blobs.put(result.opt_state)
-            digest = self.fed.blobs.put(result.model)
+            aggregated = self.monotonic()
+            timer.add("aggregate", aggregated - started)
+            state_out, digest = await asyncio.to_thread(self._persist, result)
+            persisted = self.monotonic()
+            timer.add("persist", persisted - aggregated)
             mean_loss = sum(u.train_loss for u in updates) / len(updates)
             final = action.round >= plan.rounds
             self.fed.store.commit_round(
@@ -302,14 +377,32 @@ class CoordinatorServer:
                 self.clock(),
                 opt_state=state_out,
             )
+            timer.add("commit", self.monotonic() - persisted)
         except TesseraError as exc:
             log.error("aggregation of round %d failed: %s", action.round, exc)
             self._apply(self.engine.aggregate_failed(action.round, str(exc), self.clock()))
             return
         self.run = self.fed.store.run(run.run_id)
+        self._fresh = (digest, result.model)  # the next round's model, already hashed
+        self._record(timer)
         log.info("round %d aggregated from %d updates", action.round, len(updates))
         self._apply(self.engine.aggregate_committed(action.round, self.clock()))
         self._wake.set()
+
+    def _persist(self, result: Any) -> tuple[str | None, str]:
+        """Write the new model (and optimiser state) durably; in a worker thread."""
+        state = None if result.opt_state is None else self.fed.blobs.put(result.opt_state)
+        return state, self.fed.blobs.put(result.model)
+
+    def _record(self, timer: PhaseClock) -> None:
+        timer.cpu += time.process_time()
+        record = timer.record(self.monotonic())
+        self.timings.append(record)
+        self._timer = None
+        try:
+            append_timings(self.fed.paths.root / TIMINGS_FILE, record)
+        except OSError as exc:  # a measurement: never worth failing a round for
+            log.warning("cannot write the round's timings: %s", exc)
 
     def _opt_state_before(self, run_id: str, rnd: int, strategy: StrategyConfig) -> str | None:
         """Digest of the server optimiser's state after round ``rnd - 1`` (``None``: round 1,
@@ -372,8 +465,8 @@ class CoordinatorServer:
         elif isinstance(event, ChunkReceived):
             upload = conn.uploads.get(event.transfer_id)
             if upload is not None:
-                upload.fh.write(event.data)
-                upload.fh.flush()
+                # In a thread: the loop serves the other sites meanwhile. Acknowledged after.
+                await asyncio.to_thread(_write_chunk, upload.fh, event.data)
                 conn.session.ack(event.transfer_id)
         elif isinstance(event, TransferComplete):
             upload = conn.uploads.pop(event.offer.transfer_id, None)
@@ -402,7 +495,7 @@ class CoordinatorServer:
             model = self.model
             if model is not None and msg.transfer_id == model.offer.transfer_id:
                 try:
-                    for frame in conn.session.chunks(model.offer, model.data, msg.next_index):
+                    for frame in chunk_frames(model.offer, model.data, msg.next_index):
                         await conn.ws.send(frame)
                 except TransferError as exc:  # a resume index beyond the model's chunks
                     conn.session.send(
@@ -576,28 +669,37 @@ class CoordinatorServer:
 
     async def _finish_upload(self, conn: Connection, upload: Upload) -> None:
         assert self.run is not None and self.plan is not None and self.engine is not None
+        run, plan = self.run, self.plan
         msg, site_id = upload.offer, conn.site_id or ""
         upload.fh.flush()
-        os.fsync(upload.fh.fileno())
-        upload.fh.close()
+        # The fsync waits for the disk while the check reads the page cache.
+        synced = asyncio.ensure_future(asyncio.to_thread(_fsync_and_close, upload.fh))
         try:
+            layout = layout_of(await self._model_arrays(run.model_digest))
             norm = await asyncio.to_thread(
-                check_update,
-                upload.path,
-                self.fed.blobs,
-                self.run.model_digest,
-                self.plan.max_update_norm,
+                functools.partial(
+                    check_update,
+                    upload.path,
+                    self.fed.blobs,
+                    run.model_digest,
+                    plan.max_update_norm,
+                    layout=layout,
+                )
             )
         except TesseraError as exc:
+            with contextlib.suppress(OSError):
+                await synced  # closed before it is deleted
             upload.path.unlink(missing_ok=True)  # nothing of a rejected update is kept
             self._reject(conn, msg, exc.code, exc.message)
             return
         digest = msg.update_offer.sha256
         try:
-            self.fed.blobs.adopt(upload.path, digest)
+            # Durable (file and directory fsynced, row committed) before it is acknowledged.
+            await synced
+            await asyncio.to_thread(self.fed.blobs.adopt, upload.path, digest)
             self.fed.store.add_update(
                 UpdateRecord(
-                    self.run.run_id,
+                    run.run_id,
                     msg.round,
                     site_id,
                     digest,
@@ -607,11 +709,11 @@ class CoordinatorServer:
                 ),
                 msg.signature,
             )
-        except TesseraError as exc:
+        except (TesseraError, OSError) as exc:
             log.error("cannot store update of %s: %s", site_id, exc)
             conn.session.send(
                 ErrorMessage(
-                    code=exc.code,
+                    code=getattr(exc, "code", "storage.write"),
                     message="the coordinator could not store the update; it will ask again",
                     ref=msg.TYPE,
                 )
@@ -632,3 +734,24 @@ class CoordinatorServer:
             msg.run_id, msg.round, conn.site_id or "", code, reason, self.clock()
         )
         conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))
+
+
+def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
+    """Decoded weights, read-only: one decode serves several steps of the round (update
+    checks, the aggregate, a retried aggregate), so none of them may change it."""
+    arrays = decode_tensors(data)
+    for array in arrays.values():
+        array.setflags(write=False)
+    return arrays
+
+
+def _write_chunk(fh: Any, data: bytes) -> None:
+    fh.write(data)
+    fh.flush()
+
+
+def _fsync_and_close(fh: Any) -> None:
+    try:
+        os.fsync(fh.fileno())
+    finally:
+        fh.close()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from shared.aggregation import AGGREGATIONS, make_strategy, validate_strategy
 from shared.canonical import canonical_json, sha256_hex
 from shared.errors import PlanError
-from shared.models.registry import get_architecture
+from shared.models.registry import get_architecture, resolve_hyperparameters
 from shared.types import PlanHash
 
 PreprocessValue = str | int | float | bool | None
@@ -105,13 +105,17 @@ class TrainingPlan:
     ``aggregation`` chooses the strategy (``shared.aggregation.AGGREGATIONS``: FedAvg, FedProx,
     the server optimisers, the robust estimators) and ``aggregation_params`` its settings, e.g.
     ``{"mu": 0.01}`` for FedProx; combinations that cannot work are refused with the reason.
-    ``max_update_norm`` bounds an update's L2 norm; larger updates are rejected."""
+    ``max_update_norm`` bounds an update's L2 norm; larger updates are rejected.
+    ``architecture_params`` sets the architecture's integer settings declared in the registry
+    (e.g. ``{"width": 4873}`` for ``mlp``); omitted ones take the registry's defaults, which
+    are written into the plan so that equal models have equal plan hashes."""
 
     name: str
     task: Literal["binary_classification"] = "binary_classification"
     label_column: str = "label"
     architecture: str
     architecture_version: str
+    architecture_params: Mapping[str, PreprocessValue] = field(default_factory=FrozenMap)
     input_size: int
     preprocessing: Mapping[str, PreprocessValue] = field(
         default_factory=lambda: FrozenMap({"normalise": "zscore"})
@@ -197,7 +201,12 @@ class TrainingPlan:
                 raise _invalid("max_update_norm", allowed, self.max_update_norm)
             put("max_update_norm", norm)
         # Last: the registry's error lists what this installation can build.
-        get_architecture(self.architecture, self.architecture_version)
+        spec = get_architecture(self.architecture, self.architecture_version)
+        params = _frozen_map("architecture_params", self.architecture_params)
+        put(
+            "architecture_params",
+            FrozenMap(resolve_hyperparameters(spec, params, input_size=self.input_size)),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
@@ -232,6 +241,7 @@ class TrainingPlan:
         """Plain JSON-ready dict with every field, defaults resolved."""
         result = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         result["preprocessing"] = dict(self.preprocessing)
+        result["architecture_params"] = dict(self.architecture_params)
         result["aggregation_params"] = dict(self.aggregation_params)
         return result
 
@@ -294,6 +304,7 @@ def demo_plan(rounds: int = 5, **overrides: Any) -> TrainingPlan:
         "label_column": "label",
         "architecture": "small_cnn",
         "architecture_version": "1",
+        "architecture_params": {},
         "input_size": 64,
         "preprocessing": {"normalise": "zscore"},
         "local_epochs": 5,

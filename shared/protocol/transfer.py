@@ -12,22 +12,33 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import cast
 
 from shared.errors import TransferError
+from shared.protocol.codec import encode
 from shared.protocol.messages import Chunk, TransferOffer
 
 
-def make_offer(transfer_id: str, data: bytes | memoryview, chunk_size: int) -> TransferOffer:
+def make_offer(
+    transfer_id: str, data: bytes | memoryview, chunk_size: int, *, sha256: str | None = None
+) -> TransferOffer:
+    """The offer for ``data``. ``sha256``: the payload's digest when the caller already holds
+    it (it hashed the bytes as it wrote or stored them), so a large payload is not hashed
+    again; it is trusted here and checked by the receiver."""
     return TransferOffer(
         transfer_id=transfer_id,
         size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest() if sha256 is None else sha256,
         chunk_size=chunk_size,
     )
 
 
-def iter_chunks(offer: TransferOffer, data: bytes | memoryview, start: int = 0) -> Iterator[Chunk]:
-    """Chunks of ``data`` from index ``start`` (the receiver's ``next_index``)."""
+def iter_chunks(
+    offer: TransferOffer, data: bytes | memoryview, start: int = 0, *, copy: bool = True
+) -> Iterator[Chunk]:
+    """Chunks of ``data`` from index ``start`` (the receiver's ``next_index``). With
+    ``copy=False`` each payload is a read-only view into ``data``, valid while ``data`` is:
+    for a sender that encodes each chunk at once (``chunk_frames``)."""
     if len(data) != offer.size:
         raise TransferError("payload does not match its offer", code="protocol.transfer_size")
     if not 0 <= start <= offer.total_chunks:
@@ -38,11 +49,20 @@ def iter_chunks(offer: TransferOffer, data: bytes | memoryview, start: int = 0) 
     view = memoryview(data)
     for index in range(start, offer.total_chunks):
         lo = index * offer.chunk_size
+        piece = view[lo : lo + offer.chunk_size]
         yield Chunk(
             transfer_id=offer.transfer_id,
             index=index,
-            payload=bytes(view[lo : lo + offer.chunk_size]),
+            payload=bytes(piece) if copy else cast(bytes, piece),
         )
+
+
+def chunk_frames(offer: TransferOffer, data: bytes | memoryview, start: int = 0) -> Iterator[bytes]:
+    """The encoded chunk frames of ``data`` from ``start``, lazily: each payload is copied
+    once, into its frame, rather than first into a chunk of its own (a model goes to every
+    site, so a sender moves it many times a round)."""
+    for chunk in iter_chunks(offer, data, start, copy=False):
+        yield encode(chunk)
 
 
 class TransferReceiver:

@@ -3,10 +3,17 @@
 Theory of operation: ``Participant.run`` keeps one pinned wss connection open, reconnecting
 with jittered exponential backoff when it drops. A ``SiteSession`` turns frames into events;
 this adapter verifies what the coordinator signed (plan and model), stores the model as it
-arrives (resumable), trains in a child process (``Trainer``) while the connection stays
-responsive, and offers the signed update. A computed update waits in the outbox until the
-coordinator acknowledges it, so a reconnect re-offers it instead of training again. Only
-model weights' differences leave the site: no pixel data and no patient identifiers.
+arrives (resumable), trains in a warm child process (``Trainer``, started when the first
+invitation arrives so that its start overlaps the download, and kept across rounds) while the
+connection stays responsive, and offers the signed update. A computed update waits in the
+outbox until the coordinator acknowledges it, so a reconnect re-offers it instead of training
+again. Only model weights' differences leave the site: no pixel data and no patient
+identifiers.
+
+Nothing here polls: every step is triggered by a frame from the coordinator or by the end of
+the step before. Each round's phases (download, verify, train, encode update, upload) are
+timed with a monotonic clock and appended to ``timings.jsonl`` in the site's data directory
+when the update is accepted (``shared.phases``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hashlib
 import json
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ from shared.crypto.keys import load_private_key
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import connect_pinned
 from shared.errors import ConnectionFailed, TesseraError
+from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
 from shared.protocol import signed
 from shared.protocol.codec import DEFAULT_LIMITS, Limits
@@ -52,7 +61,7 @@ from shared.protocol.session import (
     TransferComplete,
     TransferFailed,
 )
-from shared.protocol.transfer import make_offer
+from shared.protocol.transfer import chunk_frames, make_offer
 from site_client.core.config import SiteDir
 from site_client.core.trainer import Trainer
 
@@ -114,7 +123,9 @@ class Participant:
         backoff: Backoff | None = None,
         threads: int = 1,
         on_status: Callable[[str], None] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.dir = site_dir
         site_dir.ensure()
@@ -125,10 +136,16 @@ class Participant:
         self.share_summary = share_summary  # the site's choice; off unless it opts in
         self.limits = limits
         self.backoff = backoff or Backoff()
-        self.trainer = Trainer(site_dir.jobs, threads=threads)
+        self.trainer = Trainer(site_dir.jobs, threads=threads, on_progress=on_progress)
         self.on_status = on_status or (lambda s: log.info("%s", s))
         self.rng = rng or random.Random()
+        self.clock = clock  # monotonic: phase timings only
         self.rounds_done: list[tuple[str, int]] = []
+        self.timings: list[RoundTimings] = []  # this process's rounds, also in timings.jsonl
+        self._clocks: dict[tuple[str, int], PhaseClock] = {}
+        # Models whose bytes this process hashed as they arrived: the worker need not again.
+        self._verified: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
         self._downloads: dict[str, tuple[RoundInvite, Any]] = {}
@@ -141,6 +158,15 @@ class Participant:
 
     async def run(self, max_attempts: int | None = None) -> RunFinished | None:
         """Participate until the run finishes (with ``exit_when_done``) or forever."""
+        try:
+            return await self._run(max_attempts)
+        finally:
+            if self._training is not None and not self._training.done():
+                self.trainer.cancel()
+                self._training.cancel()
+            await self.trainer.close()
+
+    async def _run(self, max_attempts: int | None) -> RunFinished | None:
         attempt = 0
         while True:
             try:
@@ -171,6 +197,9 @@ class Participant:
             max_size=self.limits.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
+            # No permessage-deflate: float weights barely compress, and zlib over a 20 MB
+            # model costs seconds per round, on both sides (benchmarks/round_overhead.py).
+            compression=None,
         ) as ws:
             self._ws = ws
             self._session = SiteSession(limits=self.limits)
@@ -215,6 +244,7 @@ class Participant:
             if entry is not None:
                 invite, fh = entry
                 fh.close()
+                self._verified.add(event.offer.sha256)
                 self._model_arrived(invite)
         elif isinstance(event, TransferFailed):
             entry = self._downloads.pop(event.transfer_id, None)
@@ -255,7 +285,7 @@ class Participant:
             entry = self._uploads.get(msg.transfer_id)
             if entry is not None:
                 offer_msg, data = entry
-                for frame in session.chunks(offer_msg.update_offer, data, msg.next_index):
+                for frame in chunk_frames(offer_msg.update_offer, data, msg.next_index):
                     assert self._ws is not None
                     await self._ws.send(frame)
         elif isinstance(msg, UpdateAccepted):
@@ -326,11 +356,14 @@ class Participant:
 
     def _on_invite(self, msg: RoundInvite) -> None:
         assert self._session is not None
+        started = self.clock()
         try:
             self._verify_invite(msg)
         except TesseraError as exc:
             self._decline(msg, exc.code, f"invitation refused: {exc}")
             return
+        timer = self._round_clock(msg, started)
+        timer.add("verify", self.clock() - started)
         self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
         pending = self._load_pending(msg)
         if pending is not None:
@@ -338,6 +371,9 @@ class Participant:
             return
         if self._training_key == (msg.run_id, msg.round):
             return  # already training for this round; the update follows
+        # The worker's start (a torch import, seconds) overlaps the model's download.
+        self._spawn(self.trainer.warm_up())
+        timer.mark("download", self.clock())
         offer = msg.model_offer
         final = self._model_path(msg)
         if final.is_file():
@@ -365,10 +401,31 @@ class Participant:
     def _model_part(self, msg: RoundInvite) -> Path:
         return self.dir.models / f"{msg.model_offer.sha256}.part"
 
+    def _round_clock(self, msg: RoundInvite, now: float) -> PhaseClock:
+        """The phase clock of (run, round), started at its first invitation; clocks of other
+        rounds are dropped (a round that never finished here records nothing)."""
+        key = (msg.run_id, msg.round)
+        timer = self._clocks.get(key)
+        if timer is None:
+            self._clocks = {}
+            timer = self._clocks[key] = PhaseClock(
+                "site", msg.run_id, msg.round, now, site_id=self.config.site_id
+            )
+            timer.cpu -= time.process_time()  # the round's share is added when it ends
+        return timer
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _model_arrived(self, msg: RoundInvite) -> None:
         part, final = self._model_part(msg), self._model_path(msg)
         if part.exists():
             part.replace(final)
+        timer = self._clocks.get((msg.run_id, msg.round))
+        if timer is not None:
+            timer.stop("download", self.clock())
         if self._training is not None and not self._training.done():
             self.trainer.cancel()
             self._training.cancel()
@@ -384,12 +441,17 @@ class Participant:
             ).hexdigest()[:8],
             16,
         )
+        timer = self._clocks.get((msg.run_id, msg.round))
+        base_digest = msg.model_offer.sha256
+        started = self.clock()
         try:
             outcome = await self.trainer.train(
                 name,
                 {
                     "plan": msg.plan,
                     "model_path": str(self._model_path(msg)),
+                    # None: hashed as it arrived; a model from the cache is checked again.
+                    "model_sha256": None if base_digest in self._verified else base_digest,
                     **self._data_job(),
                     "cache_dir": str(self.dir.tensors),
                     "data_seed": 0,
@@ -403,8 +465,19 @@ class Participant:
             return
         finally:
             self._training_key = None
-        data = outcome.update_path.read_bytes()
-        offer = make_offer("u-" + hashlib.sha256(data).hexdigest(), data, self.limits.chunk_size)
+        encode_started = self.clock()
+        worker = outcome.timings
+        if timer is not None:
+            inside = worker.get("verify", 0.0) + worker.get("encode", 0.0)
+            timer.add("verify", worker.get("verify", 0.0))
+            timer.add("train", encode_started - started - inside)
+            timer.add("encode_update", worker.get("encode", 0.0))
+            timer.cpu += worker.get("cpu", 0.0)
+        data = await asyncio.to_thread(outcome.update_path.read_bytes)
+        digest = outcome.sha256 if outcome.size == len(data) and outcome.sha256 else None
+        if digest is None:  # the worker did not say: hash it here, off the event loop
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        offer = make_offer("u-" + digest, data, self.limits.chunk_size, sha256=digest)
         base = msg.model_offer.sha256
         offer_msg = UpdateOffer(
             run_id=msg.run_id,
@@ -432,8 +505,10 @@ class Participant:
         (self.dir.outbox / f"{msg.run_id}-r{msg.round}.json").write_text(
             json.dumps({"message": offer_msg.body(), "path": str(pending.path)}), "utf-8"
         )
+        if timer is not None:
+            timer.add("encode_update", self.clock() - encode_started)
         self.on_status(f"round {msg.round}: sending the update ({len(data)} bytes)")
-        self._offer_update(pending)
+        self._offer_update(pending, data)
         await self._flush()
 
     def _data_job(self) -> dict[str, str]:
@@ -455,12 +530,16 @@ class Participant:
             return None
         return Pending(offer_msg, Path(raw["path"]))
 
-    def _offer_update(self, pending: Pending) -> None:
+    def _offer_update(self, pending: Pending, data: bytes | None = None) -> None:
         if self._session is None or self._session.closed:
             return  # offered again after the reconnect, from the outbox
-        data = pending.path.read_bytes()
+        if data is None:
+            data = pending.path.read_bytes()
         self._uploads[pending.offer_msg.update_offer.transfer_id] = (pending.offer_msg, data)
         self._session.send(pending.offer_msg)
+        timer = self._clocks.get((pending.offer_msg.run_id, pending.offer_msg.round))
+        if timer is not None:
+            timer.mark("upload", self.clock())
 
     def _accepted(self, msg: UpdateAccepted) -> None:
         record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"
@@ -468,4 +547,15 @@ class Participant:
         (self.dir.outbox / f"{msg.sha256}.safetensors").unlink(missing_ok=True)
         self._uploads.pop("u-" + msg.sha256, None)
         self.rounds_done.append((msg.run_id, msg.round))
+        timer = self._clocks.pop((msg.run_id, msg.round), None)
+        if timer is not None:
+            now = self.clock()
+            timer.stop("upload", now)
+            timer.cpu += time.process_time()
+            timing = timer.record(now)
+            self.timings.append(timing)
+            try:
+                append_timings(self.dir.root / TIMINGS_FILE, timing)
+            except OSError as exc:  # a measurement: never worth failing a round for
+                log.warning("cannot write the round's timings: %s", exc)
         self.on_status(f"round {msg.round}: update accepted by the coordinator")

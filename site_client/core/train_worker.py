@@ -1,10 +1,32 @@
-"""The training process: one job in, one update out. Run as ``python -m`` by ``trainer``.
+"""The training process: jobs in, updates out. Started by ``trainer``, never imported by it.
 
-A separate process so that training can be cancelled at any moment (terminate it) and never
-blocks the site's connection. It reads the global model with safetensors (never pickle or
-``torch.load``), prepares the local images once into a tensor cache (from the site's study
-index when the job names one, else from a DICOM folder and labels CSV), trains with the shared
-loop and writes the update (new weights minus global weights) and a small result record.
+A separate process so that training can be cancelled at any moment (kill it) and never blocks
+the site's connection. Two ways to run it:
+
+- ``python -m site_client.core.train_worker --serve``: the warm worker ``Trainer`` keeps for
+  as long as the site runs. It imports torch once, then reads one job per line on stdin and
+  answers on stdout with JSON lines only (never pickle)::
+
+      parent -> worker   {"type": "job", "name": "...", "job": {...}}
+      worker -> parent   {"type": "progress", "step": 3, "total": 10}        (some steps)
+      worker -> parent   {"type": "result", "ok": true, "num_samples": ..., "train_loss": ...,
+                          "steps": ..., "sha256": ..., "size": ..., "timings": {...}}
+                      or {"type": "result", "ok": false, "code": "...", "message": "..."}
+
+  A failed job is a result, and the worker waits for the next one; end of input ends it. The
+  real stdout is kept for these lines and file descriptor 1 is pointed at stderr, so whatever
+  a library prints cannot corrupt the channel. Keeping the process between rounds saves the
+  torch import (about 2 s) and the model's construction on every round.
+- ``python -m site_client.core.train_worker job.json``: one job, its result record written
+  to ``job["result_path"]`` and its progress to ``job["progress_path"]`` (for scripts).
+
+A job reads the global model with safetensors (never pickle or ``torch.load``) after checking
+its SHA-256 against the digest the coordinator signed, prepares the local images once into a
+tensor cache (from the site's study index when the job names one, else from a DICOM folder and
+labels CSV), trains with the shared loop and writes the update (new weights minus global
+weights) with its SHA-256, so the site signs it without reading it again. ``timings`` holds
+the job's phases in seconds (``verify``, ``train``, ``encode``) and the processor time it used
+(``cpu``) for the site's round record.
 """
 
 from __future__ import annotations
@@ -12,11 +34,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+Progress = Callable[[int, int], None]
 
 
 def cache_key(dicom_dir: Path, labels_csv: Path, input_size: int, seed: int) -> str:
@@ -100,18 +127,122 @@ def load_from_index(
     return ds.train_images, ds.train_labels
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+class _Models:
+    """The last model built, kept by a warm worker: building a large model draws all its
+    initial weights, and the next round overwrites every floating-point entry anyway."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._model: Any = None
+
+    def get(self, plan: Any) -> Any:
+        import torch
+
+        from shared.models.registry import build_model
+
+        key = (
+            plan.architecture,
+            plan.architecture_version,
+            tuple(sorted(plan.architecture_params.items())),
+            plan.input_size,
+            plan.seed,
+        )
+        if key != self._key:
+            self._model, self._key = None, None  # free the old one before building
+            self._model = build_model(
+                plan.architecture,
+                plan.architecture_version,
+                input_size=plan.input_size,
+                params=plan.architecture_params,
+                seed=plan.seed,
+            )
+            self._key = key
+            return self._model
+        # Integer buffers (BatchNorm's step counters) stay local and are not in the global
+        # model: put them back to what a fresh build has, so a reused model trains the same.
+        with torch.no_grad():
+            for buffer in self._model.buffers():
+                if not buffer.is_floating_point():
+                    buffer.zero_()
+        return self._model
+
+
+_MODELS = _Models()
+
+
+def _read_model(path: Path, sha256: str | None) -> bytes:
+    """The global model's bytes, checked against the digest the coordinator signed: the file
+    in the site's model cache may be one downloaded rounds ago, or damaged on disk."""
+    from shared.errors import TrainingError
+
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        path.unlink(missing_ok=True)  # the next invitation downloads it again
+        raise TrainingError(
+            "The stored copy of the global model is damaged (its SHA-256 does not match the "
+            "signed digest); it was deleted and will be downloaded again.",
+            code="training.model_corrupt",
+        )
+    return data
+
+
+def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
+    """Write ``arrays`` as safetensors to ``out`` (atomically) and return the file's SHA-256
+    and size. The bytes are those of ``shared.tensors.encode_tensors`` (names sorted, the
+    header padded with spaces to 8 bytes), written from the arrays themselves and hashed on the
+    way: no model-sized intermediate buffer. Float32 little-endian only; anything else goes
+    through ``encode_tensors``."""
+    names = sorted(arrays)
+    parts: list[bytes | memoryview]
+    if sys.byteorder == "little" and all(
+        arrays[n].dtype == np.float32 and arrays[n].flags.c_contiguous for n in names
+    ):
+        header: dict[str, Any] = {}
+        offset = 0
+        for name in names:
+            size = arrays[name].nbytes
+            shape = list(arrays[name].shape)
+            header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        parts = [struct.pack("<Q", len(raw)), raw]
+        parts += [arrays[n].reshape(-1).view(np.uint8).data for n in names]
+    else:
+        from shared.tensors import encode_tensors
+
+        parts = [encode_tensors(arrays)]
+    digest, total = hashlib.sha256(), 0
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        for part in parts:
+            digest.update(part)
+            fh.write(part)
+            total += len(part)
+    os.replace(tmp, out)
+    return digest.hexdigest(), total
+
+
+def run_job(
+    job: dict[str, Any], progress: Progress | None = None, *, reuse_model: bool = False
+) -> dict[str, Any]:
+    """Train once; returns the result record's fields (``ok`` excluded). Raises on failure."""
     import torch
 
     from shared.aggregation import local_training_options, make_strategy
-    from shared.models.registry import build_model
-    from shared.models.state import load_model_arrays, model_arrays
+    from shared.models.state import load_model_arrays
     from shared.plan import TrainingPlan
-    from shared.tensors import decode_tensors, encode_tensors
+    from shared.tensors import decode_tensors
     from shared.training import train_local
 
+    clock = time.monotonic
+    cpu_started = time.process_time()
     torch.set_num_threads(int(job.get("threads", 1)))
     plan = TrainingPlan.from_dict(job["plan"])
+    started = clock()
+    raw = _read_model(Path(job["model_path"]), job.get("model_sha256"))
+    verify_s = clock() - started
+    train_started = clock()
     if job.get("index_db"):
         images, labels = load_from_index(
             Path(job["index_db"]),
@@ -128,48 +259,141 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             plan.input_size,
             int(job["data_seed"]),
         )
-    model = build_model(
-        plan.architecture, plan.architecture_version, input_size=plan.input_size, seed=plan.seed
-    )
-    base = decode_tensors(Path(job["model_path"]).read_bytes())
+    if reuse_model:
+        model = _MODELS.get(plan)
+    else:
+        from shared.models.registry import build_model
+
+        model = build_model(
+            plan.architecture,
+            plan.architecture_version,
+            input_size=plan.input_size,
+            params=plan.architecture_params,
+            seed=plan.seed,
+        )
+    base = decode_tensors(raw)
+    del raw
     load_model_arrays(model, base)
-    progress_path = Path(job["progress_path"])
-
-    def progress(step: int, total: int) -> None:
-        if step == total or step % 5 == 0:
-            progress_path.write_text(f"{step} {total}")
-
     # The strategy's part of local training, e.g. FedProx's proximal term (mu).
     strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
     options = local_training_options(strategy)
     result = train_local(
         model, images, labels, plan, seed=int(job["seed"]), progress=progress, **options
     )
-    after = model_arrays(model)
-    delta = {name: (after[name] - base[name]).astype(np.float32) for name in base}
-    out = Path(job["update_path"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(encode_tensors(delta))
-    os.replace(tmp, out)
+    train_s = clock() - train_started
+    encode_started = clock()
+    # The update, new weights minus global weights, computed into the global weights' own
+    # (decoded, hence private) arrays: one pass per tensor, no model-sized allocation.
+    state = model.state_dict()
+    for name, array in base.items():
+        after = state[name].detach().numpy()
+        if array.dtype == np.float32:
+            np.subtract(after, array, out=array)
+        else:
+            base[name] = np.subtract(after, array, dtype=np.float32)
+    digest, size = write_update(Path(job["update_path"]), base)
+    encode_s = clock() - encode_started
     return {
         "num_samples": result.num_samples,
         "train_loss": result.mean_loss,
         "steps": result.steps,
+        "sha256": digest,
+        "size": size,
+        "timings": {
+            "verify": verify_s,
+            "train": train_s,
+            "encode": encode_s,
+            "cpu": time.process_time() - cpu_started,
+        },
     }
 
 
+def _failure(exc: BaseException) -> dict[str, Any]:
+    print(f"training failed: {exc!r}", file=sys.stderr)
+    return {
+        "ok": False,
+        "code": getattr(exc, "code", "training.failed"),
+        "message": str(exc)[:500],
+    }
+
+
+class _Throttled:
+    """Progress for the parent: the first and last step, and at most ten lines a second."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
+        self._send = send
+        self._last = float("-inf")
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step in (1, total) or now - self._last >= 0.1:
+            self._last = now
+            self._send({"type": "progress", "step": step, "total": total})
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask to be killed when the site process dies (even by SIGKILL), so a warm
+    worker never trains on for a site that is gone; elsewhere the end of stdin ends it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def serve(source: IO[bytes], sink: IO[str]) -> int:
+    """The warm worker's loop: one job per line of ``source``, JSON lines to ``sink``."""
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the site died before we asked
+        return 0
+    import torch  # noqa: F401  (the import is the cost a warm worker pays once)
+
+    import shared.training  # noqa: F401
+
+    def send(record: dict[str, Any]) -> None:
+        sink.write(json.dumps(record) + "\n")
+        sink.flush()
+
+    for line in source:
+        try:
+            request = json.loads(line)
+            if request.get("type") != "job" or not isinstance(request.get("job"), dict):
+                raise ValueError("expected a job")
+        except (ValueError, AttributeError) as exc:
+            send({"type": "result", "ok": False, "code": "training.protocol", "message": str(exc)})
+            continue
+        try:
+            record = {"ok": True, **run_job(request["job"], _Throttled(send), reuse_model=True)}
+        except Exception as exc:  # the edge of the process: report, never a stack trace upstream
+            record = _failure(exc)
+        send({"type": "result", **record})
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        # Keep the real stdout for our JSON lines; anything else printed goes to stderr.
+        channel = os.fdopen(os.dup(1), "w", encoding="utf-8")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        return serve(sys.stdin.buffer, channel)
     job_path = Path(argv[0])
     job = json.loads(job_path.read_text("utf-8"))
+    progress_path = Path(job["progress_path"]) if job.get("progress_path") else None
+
+    def progress(step: int, total: int) -> None:
+        if progress_path is not None and (step == total or step % 5 == 0):
+            progress_path.write_text(f"{step} {total}")
+
     try:
-        record = {"ok": True, **run_job(job)}
+        record = {"ok": True, **run_job(job, progress)}
     except Exception as exc:  # the edge of the process: report, never a stack trace upstream
-        record = {
-            "ok": False,
-            "code": getattr(exc, "code", "training.failed"),
-            "message": str(exc)[:500],
-        }
-        print(f"training failed: {exc!r}", file=sys.stderr)
+        record = _failure(exc)
     Path(job["result_path"]).write_text(json.dumps(record), "utf-8")
     return 0 if record["ok"] else 1
 

@@ -41,6 +41,7 @@ from shared.identity.invitation import (
     encode_invitation,
     new_token,
 )
+from shared.phases import COORDINATOR_PHASES, TIMINGS_FILE, read_timings
 from shared.plan import TrainingPlan, demo_plan
 from shared.protocol import signed
 from shared.protocol.codec import Limits
@@ -697,12 +698,15 @@ async def test_a_valid_update_is_stored_aggregated_and_the_run_finishes(joined: 
 
 
 async def test_two_sites_are_averaged_by_sample_count(
-    fed: Federation, tmp_path: Path, run_id: str
+    server: CoordinatorServer, fed: Federation, tmp_path: Path, run_id: str
 ) -> None:
     sites = [await enrol_site(fed, tmp_path, name) for name in ("Site A", "Site B")]
     async with rogue(fed) as conn_a, rogue(fed) as conn_b:
         a = await join(fed, sites[0], conn_a)
         b = await join(fed, sites[1], conn_b)
+        # one offer and one signature for the round's model, whoever downloads it
+        assert a.invite.model_offer == b.invite.model_offer
+        assert a.invite.model_signature == b.invite.model_signature
         deltas_a, deltas_b = small_deltas(a.model, seed=5), small_deltas(a.model, seed=6)
 
         assert isinstance(
@@ -718,6 +722,11 @@ async def test_two_sites_are_averaged_by_sample_count(
     for name, before in a.model.items():
         mean = (30 * deltas_a[name] + 10 * deltas_b[name]) / 40
         np.testing.assert_allclose(new[name], before + mean, rtol=0, atol=1e-6)
+    # the round's phases, recorded when it was committed, in memory and in timings.jsonl
+    (record,) = server.timings
+    assert (record.side, record.run_id, record.round) == ("coordinator", run_id, 1)
+    assert tuple(record.phases) == COORDINATOR_PHASES
+    assert read_timings(fed.paths.root / TIMINGS_FILE) == [record]
 
 
 async def test_a_declining_site_does_not_hold_up_the_round(

@@ -15,14 +15,15 @@ from shared.models import (
     load_model_arrays,
     model_arrays,
 )
+from shared.models.registry import resolve_hyperparameters
 
 
 def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
-def test_available_architectures_lists_both_v1() -> None:
-    assert available_architectures() == [("densenet121", "1"), ("small_cnn", "1")]
+def test_available_architectures_lists_every_v1() -> None:
+    assert available_architectures() == [("densenet121", "1"), ("mlp", "1"), ("small_cnn", "1")]
     assert get_architecture("small_cnn", "1").name == "small_cnn"
 
 
@@ -130,3 +131,51 @@ def test_array_layout() -> None:
     layout = array_layout(model_arrays(build_model("small_cnn", "1", seed=0)))
     assert layout["head.weight"] == ((1, 64), "float32")
     assert layout["features.0.0.weight"] == ((16, 1, 3, 3), "float32")
+
+
+# --- settings a plan chooses (architecture_params) ----------------------------------------
+
+
+@pytest.mark.parametrize(("width", "size"), [(1, 32), (7, 40), (300, 32)])
+def test_the_mlp_has_exactly_the_size_its_width_gives(width: int, size: int) -> None:
+    spec = get_architecture("mlp", "1")
+    params = {"width": width}
+    model = build_model("mlp", "1", input_size=size, params=params, seed=0).eval()
+    count = sum(p.numel() for p in model.parameters())
+    assert count == width * (size * size + 2) + 1
+    assert spec.parameter_count is not None
+    assert spec.parameter_count(1, 1, size, params) == count
+    with torch.no_grad():
+        assert model(torch.zeros(3, 1, size, size)).shape == (3, 1)
+
+
+def test_the_mlp_is_deterministic_and_takes_the_default_width() -> None:
+    a = model_arrays(build_model("mlp", "1", input_size=32, params={"width": 9}, seed=4))
+    b = model_arrays(build_model("mlp", "1", input_size=32, params={"width": 9}, seed=4))
+    assert _same(a, b)
+    default = build_model("mlp", "1", input_size=32, seed=4)
+    assert (
+        default.hidden.out_features == get_architecture("mlp", "1").hyperparameters["width"].default
+    )
+    assert resolve_hyperparameters(get_architecture("mlp", "1"), {}, input_size=32) == {
+        "width": 256
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("small_cnn", {"width": 3}, r"small_cnn v1 has no setting 'width' \(its settings: none\)"),
+        ("mlp", {"depth": 3}, r"mlp v1 has no setting 'depth' \(its settings: width\)"),
+        ("mlp", {"width": 0}, r"setting 'width' \(hidden units\) must be an integer from 1"),
+        ("mlp", {"width": 2.5}, r"must be an integer from 1 to \d+; got 2\.5"),
+        ("mlp", {"width": True}, r"must be an integer .*; got True"),
+        ("mlp", {"width": 1 << 20}, r"would have .* parameters, more than the 134,217,728"),
+    ],
+)
+def test_settings_a_site_cannot_build_are_refused_before_building(
+    name: str, params: dict, match: str
+) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        build_model(name, "1", input_size=64, params=params, seed=0)
+    assert info.value.code == "plan.invalid"

@@ -108,6 +108,8 @@ def test_hash_changes_when_a_field_changes(field: str, value: Any) -> None:
         ("aggregation_params", {"mu": 0.1}, r"'fedavg' has no setting\(s\) 'mu'"),
         ("aggregation_params", [1], r"'aggregation_params' must be an object mapping names"),
         ("weighting", "sites", r"'weighting' must be one of 'samples', 'uniform'"),
+        ("architecture_params", {"width": 3}, r"small_cnn v1 has no setting 'width'"),
+        ("architecture_params", [1], r"'architecture_params' must be an object mapping names"),
         ("max_update_norm", 0.0, r"'max_update_norm' must be null or a finite number > 0"),
         ("max_update_norm", "big", r"'max_update_norm' must be null or a finite number > 0"),
     ],
@@ -117,6 +119,24 @@ def test_invalid_field_is_refused_with_its_name(field: str, value: Any, match: s
         TrainingPlan.from_dict(_plan_dict(**{field: value}))
     assert info.value.code == "plan.invalid"
     assert info.value.fields["field"] == field
+
+
+def test_architecture_params_are_completed_checked_and_hashed() -> None:
+    mlp = _plan_dict(architecture="mlp", input_size=32)
+    implicit = TrainingPlan.from_dict(mlp)
+    explicit = TrainingPlan.from_dict({**mlp, "architecture_params": {"width": 256}})
+    assert implicit.architecture_params == {"width": 256}  # the registry's default, written in
+    assert implicit.plan_hash == explicit.plan_hash
+    wider = TrainingPlan.from_dict({**mlp, "architecture_params": {"width": 4873}})
+    assert wider.plan_hash != implicit.plan_hash
+    assert TrainingPlan.from_dict(json.loads(json.dumps(wider.to_dict()))) == wider
+    with pytest.raises(PlanError, match=r"would have .* parameters, more than") as info:
+        TrainingPlan.from_dict({**mlp, "input_size": 512, "architecture_params": {"width": 1000}})
+    assert info.value.fields["field"] == "architecture_params"
+    # a plan written without the field means the same as one with none
+    old = _plan_dict()
+    del old["architecture_params"]
+    assert TrainingPlan.from_dict(old).plan_hash == demo_plan().plan_hash
 
 
 def test_unknown_architecture_is_refused() -> None:

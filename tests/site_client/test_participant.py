@@ -1,17 +1,26 @@
-"""The site's participation loop, without a coordinator: backoff and an unreachable server."""
+"""The site's participation loop: backoff, an unreachable server, and real rounds against a
+real coordinator (in this event loop, over TLS on loopback) with the site's warm worker."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 from pathlib import Path
 
 import pytest
 
+from coordinator.config import CoordinatorConfig
+from coordinator.federation import Federation
+from coordinator.server import CoordinatorServer
 from shared.crypto.keys import generate_signing_key, public_key_b64, save_private_key
 from shared.errors import ConnectionFailed
+from shared.phases import COORDINATOR_PHASES, SITE_PHASES, TIMINGS_FILE, read_timings
+from shared.plan import demo_plan
+from shared.synthetic import generate_federation
 from site_client.core.config import SiteConfig, SiteConfigError, SiteDir
+from site_client.core.enrolment import enrol
 from site_client.core.participant import Backoff, LocalData, Participant
 
 
@@ -70,3 +79,68 @@ def test_a_site_that_never_enrolled_is_told_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(SiteConfigError, match="not enrolled yet") as info:
         Participant(SiteDir(tmp_path / "nowhere"), LocalData(tmp_path, tmp_path / "l.csv"))
     assert info.value.code == "config.not_enrolled"
+
+
+# --- rounds against a real coordinator --------------------------------------------------
+
+
+async def test_rounds_reuse_one_warm_worker_and_both_sides_record_their_phases(
+    tmp_path: Path,
+) -> None:
+    """A real ``CoordinatorServer`` in this event loop, a real site enrolled with an
+    invitation code, two rounds of real training in the site's warm worker."""
+    data = generate_federation(
+        tmp_path / "data", sites=1, seed=2, images_per_site=12, test_images=2, image_size=64
+    )
+    fed = Federation.init(tmp_path / "coord", CoordinatorConfig(federation="Test", port=0))
+    server = CoordinatorServer(fed, admin_poll_s=0.05)
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(server.serve(ready=ready.set_result))
+    try:
+        await asyncio.wait_for(ready, timeout=10)
+        site_dir = SiteDir(tmp_path / "site")
+        config = await enrol(fed.invite("Site A"), site_dir, "Site A")
+        plan = demo_plan(
+            rounds=2, quorum=1, min_sites=1, input_size=32, batch_size=8, local_epochs=1
+        )
+        run_id = fed.start_run(fed.add_plan(plan)).run_id
+        workers: list[int | None] = []
+        participant = Participant(
+            site_dir,
+            LocalData(data.sites[0].dicom_dir, data.sites[0].labels_csv),
+            exit_when_done=True,
+            on_status=lambda s: workers.append(participant.trainer.pid) if "sending" in s else None,
+        )
+        finished = await asyncio.wait_for(participant.run(max_attempts=3), timeout=120)
+
+        assert finished is not None and (finished.run_id, finished.rounds) == (run_id, 2)
+        assert participant.rounds_done == [(run_id, 1), (run_id, 2)]
+        # one worker process trained both rounds, and it ended with the participant
+        assert len(workers) == 2 and workers[0] is not None and workers[0] == workers[1]
+        assert participant.trainer.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(workers[0], 0)
+        # each side recorded every phase of every round, in memory and in its timings file
+        site_records = participant.timings
+        assert [(r.side, r.run_id, r.round, r.site_id) for r in site_records] == [
+            ("site", run_id, 1, config.site_id),
+            ("site", run_id, 2, config.site_id),
+        ]
+        assert all(tuple(r.phases) == SITE_PHASES for r in site_records)
+        assert read_timings(site_dir.root / TIMINGS_FILE) == site_records
+        coord_records = server.timings
+        assert [(r.side, r.round) for r in coord_records] == [
+            ("coordinator", 1),
+            ("coordinator", 2),
+        ]
+        assert all(tuple(r.phases) == COORDINATOR_PHASES for r in coord_records)
+        assert read_timings(fed.paths.root / TIMINGS_FILE) == coord_records
+        # one clock on one machine: a site's round starts after the coordinator opened it
+        for coord, site in zip(coord_records, site_records, strict=True):
+            assert coord.started <= site.started <= site.ended
+    finally:
+        server.stop()
+        await asyncio.wait_for(serving, timeout=10)
+        for task in list(server._tasks):
+            task.cancel()
+        fed.close()

@@ -1,9 +1,17 @@
-"""The site's trainer: a real child process that trains on real DICOM files, or is killed."""
+"""The site's trainer: a real, warm child process that trains on real DICOM files, or is killed.
+
+Nothing is mocked: each test starts the real worker (``train_worker --serve``) through the
+``Trainer`` and sends it real jobs over its pipe.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +20,9 @@ import pytest
 from shared.errors import TrainingCancelled, TrainingError
 from shared.models.registry import build_model
 from shared.models.state import model_arrays
-from shared.plan import demo_plan
+from shared.plan import TrainingPlan, demo_plan
 from shared.synthetic import generate_federation
-from shared.tensors import decode_tensors, encode_tensors
+from shared.tensors import decode_tensors, encode_tensors, tensor_digest
 from site_client.core.trainer import Trainer
 
 
@@ -26,15 +34,21 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     )
 
 
+def _model(job: dict):
+    plan = TrainingPlan.from_dict(job["plan"])
+    return build_model(plan.architecture, plan.architecture_version, input_size=32, seed=plan.seed)
+
+
 def _job(tmp_path: Path, federation, **plan_overrides) -> dict:
     plan = demo_plan(rounds=1, input_size=32, batch_size=8, **plan_overrides)
-    model = build_model(plan.architecture, plan.architecture_version, input_size=32, seed=plan.seed)
+    data = encode_tensors(model_arrays(_model({"plan": plan.to_dict()})))
     model_path = tmp_path / "global.safetensors"
-    model_path.write_bytes(encode_tensors(model_arrays(model)))
+    model_path.write_bytes(data)
     site = federation.sites[0]
     return {
         "plan": plan.to_dict(),
         "model_path": str(model_path),
+        "model_sha256": tensor_digest(data),
         "dicom_dir": str(site.dicom_dir),
         "labels_csv": str(site.labels_csv),
         "cache_dir": str(tmp_path / "cache"),
@@ -43,47 +57,111 @@ def _job(tmp_path: Path, federation, **plan_overrides) -> dict:
     }
 
 
-def test_training_produces_a_deterministic_update_of_the_model_layout(
+async def _started_training(trainer: Trainer, name: str, job: dict) -> asyncio.Task:
+    """Start a job and return once the worker reports its first training step."""
+    stepped = asyncio.Event()
+    trainer.on_progress = lambda step, total: stepped.set()
+    task = asyncio.ensure_future(trainer.train(name, job))
+    await asyncio.wait_for(stepped.wait(), timeout=60)
+    return task
+
+
+async def test_jobs_reuse_one_warm_process_which_survives_failed_jobs(
     tmp_path: Path, federation
 ) -> None:
     job = _job(tmp_path, federation)
     trainer = Trainer(tmp_path / "jobs")
-    first = asyncio.run(trainer.train("a", job))
-    second = asyncio.run(trainer.train("b", job))  # second run hits the tensor cache
-    base = decode_tensors(Path(job["model_path"]).read_bytes())
-    update = decode_tensors(first.update_path.read_bytes())
+    try:
+        first = await trainer.train("a", job)
+        pid = trainer.pid
+        second = await trainer.train("b", job)  # the second one also hits the tensor cache
+        assert pid is not None and trainer.pid == pid
+
+        bad = {**job, "labels_csv": str(tmp_path / "missing.csv")}
+        with pytest.raises(TrainingError, match=r"missing\.csv") as info:
+            await trainer.train("bad", bad)
+        assert info.value.code.startswith("data.")
+        corrupt = {**job, "model_sha256": "0" * 64}  # the cached model no longer matches
+        with pytest.raises(TrainingError, match="damaged") as info:
+            await trainer.train("corrupt", corrupt)
+        assert info.value.code == "training.model_corrupt"
+        assert trainer.pid == pid  # failed jobs are results: the warm worker stays
+    finally:
+        await trainer.close()
+    assert trainer.pid is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # close() ended the worker
+    assert not Path(job["model_path"]).exists()  # deleted, so it is downloaded again
+    base = decode_tensors(encode_tensors(model_arrays(_model(job))))
+    data = first.update_path.read_bytes()
+    update = decode_tensors(data)
     assert set(update) == set(base)
     assert all(update[k].shape == base[k].shape for k in base)
     assert any(np.abs(update[k]).max() > 0 for k in base)  # it trained
+    assert first.sha256 == tensor_digest(data) and first.size == len(data)
+    assert encode_tensors(update) == data  # written straight from the arrays, same bytes
     assert first.num_samples == second.num_samples > 0
-    assert first.update_path.read_bytes() == second.update_path.read_bytes()
+    # a reused model trains exactly like a freshly built one
+    assert second.update_path.read_bytes() == data
+    assert set(first.timings) == {"verify", "train", "encode", "cpu"}
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
-def test_cancel_kills_the_training_process(tmp_path: Path, federation) -> None:
+async def test_cancel_kills_the_worker_and_the_next_job_starts_a_fresh_one(
+    tmp_path: Path, federation
+) -> None:
     job = _job(tmp_path, federation, local_epochs=500)
     trainer = Trainer(tmp_path / "jobs")
-
-    async def scenario() -> float:
-        task = asyncio.ensure_future(trainer.train("long", job))
-        progress = tmp_path / "jobs" / "long.progress"
-        deadline = time.monotonic() + 60
-        while not progress.exists():  # wait until it is really training
-            assert time.monotonic() < deadline, "training never started"
-            await asyncio.sleep(0.05)
-        started = time.monotonic()
+    try:
+        task = await _started_training(trainer, "long", job)
+        victim = trainer.pid
+        assert trainer.busy and trainer.progress is not None
         trainer.cancel()
         with pytest.raises(TrainingCancelled, match="cancelled"):
-            await task
-        return time.monotonic() - started
+            await asyncio.wait_for(task, timeout=10)
+        assert not trainer.busy
+        with pytest.raises(ProcessLookupError):
+            os.kill(victim, 0)  # killed and reaped, not left training
+        outcome = await trainer.train("short", _job(tmp_path, federation))
+        assert outcome.num_samples > 0
+        assert trainer.pid not in (None, victim)
+    finally:
+        await trainer.close()
 
-    assert asyncio.run(scenario()) < 5.0
-    assert not trainer.busy
+
+async def test_a_killed_worker_gives_a_clear_error_then_the_trainer_recovers(
+    tmp_path: Path, federation
+) -> None:
+    trainer = Trainer(tmp_path / "jobs")
+    try:
+        task = await _started_training(
+            trainer, "doomed", _job(tmp_path, federation, local_epochs=500)
+        )
+        victim = trainer.pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer would
+        with pytest.raises(TrainingError, match="stopped unexpectedly") as info:
+            await asyncio.wait_for(task, timeout=10)
+        assert info.value.code == "training.crashed"
+        outcome = await trainer.train("after", _job(tmp_path, federation))
+        assert outcome.num_samples > 0 and trainer.pid != victim
+    finally:
+        await trainer.close()
 
 
-def test_a_failing_job_reports_a_clear_error(tmp_path: Path, federation) -> None:
+def test_the_one_job_command_line_still_works(tmp_path: Path, federation) -> None:
     job = _job(tmp_path, federation)
-    job["labels_csv"] = str(tmp_path / "missing.csv")
-    with pytest.raises(TrainingError, match=r"missing\.csv") as info:
-        asyncio.run(Trainer(tmp_path / "jobs").train("bad", job))
-    assert info.value.code.startswith("data.")
+    job.update(
+        update_path=str(tmp_path / "u.safetensors"),
+        result_path=str(tmp_path / "result.json"),
+        progress_path=str(tmp_path / "progress"),
+    )
+    (tmp_path / "job.json").write_text(json.dumps(job), "utf-8")
+    subprocess.run(
+        [sys.executable, "-m", "site_client.core.train_worker", str(tmp_path / "job.json")],
+        check=True,
+        timeout=120,
+    )
+    record = json.loads((tmp_path / "result.json").read_text("utf-8"))
+    assert record["ok"] and record["num_samples"] > 0
+    assert record["sha256"] == tensor_digest((tmp_path / "u.safetensors").read_bytes())
