@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: setup demo test lint bench clean system-deps
+.PHONY: setup demo test lint bench clean system-deps package
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: setup
 
 test: setup system-deps lint
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
+
+# The site bundle: PyInstaller one-folder build, stripped and packed into
+# dist/tessera-site-<version>-linux-<arch>.tar.gz; prints its sizes (packaging/README.md).
+package: setup
+	PYTHON=$(BIN)/python bash packaging/build.sh
 
 bench: setup
 	@set -o pipefail; for b in benchmarks/[a-z]*.py; do \

@@ -10,12 +10,18 @@ import signal
 import sys
 from pathlib import Path
 
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import (
+    ConfigError,
+    CoordinatorConfig,
+    DataDir,
+    load_plan_with_defaults,
+    load_service_config,
+)
 from coordinator.federation import Federation
 from shared.errors import TesseraError
-from shared.plan import load_plan
 
 DEFAULT_DIR = Path("tessera-coordinator-data")
+log = logging.getLogger("tessera.coordinator")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="federation, sites, runs and rounds")
     status.add_argument("--json", action="store_true")
 
-    sub.add_parser("serve", help="serve the federation (websockets over TLS)")
+    serve = sub.add_parser("serve", help="serve the federation (websockets over TLS)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a TOML configuration file (packaging/coordinator.example.toml): its data_dir is "
+        "created on first start and its settings replace the data directory's on every start",
+    )
 
     charter = sub.add_parser("charter", help="the federation's terms that every site signs")
     charter_sub = charter.add_subparsers(dest="charter_command", required=True)
@@ -66,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a finished run's model, bundle and report")
     export.add_argument("run_id", help="run id (a unique prefix is enough)")
     export.add_argument("--out", type=Path, required=True, help="a new, empty folder")
+
+    release = sub.add_parser(
+        "release", help="publish a signed release of a finished run (weights and model card)"
+    )
+    release.add_argument("run_id", help="run id (a unique prefix is enough)")
+    release.add_argument(
+        "--version", required=True, help="release version MAJOR.MINOR, e.g. 1.0 (never reused)"
+    )
+    release.add_argument("--out", type=Path, default=None, help="also write it to this new folder")
 
     check = sub.add_parser("verify", help="check an exported bundle offline")
     check.add_argument("bundle", type=Path)
@@ -134,12 +157,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"federation {args.federation!r} created in {args.data_dir}")
         print(f"certificate fingerprint (SHA-256): {fed.fingerprint()}")
         return 0
+    if args.command == "serve" and args.config is not None:
+        return _serve(_open_configured(args.config))
     fed = Federation.open(args.data_dir)
     try:
         if args.command == "invite":
             print(fed.invite(args.site_name, hours=args.valid_hours))
         elif args.command == "plan" and args.plan_command == "add":
-            print(fed.add_plan(load_plan(args.path)))
+            print(fed.add_plan(load_plan_with_defaults(args.path, fed.config)))
         elif args.command == "plan":
             for p in fed.store.plans():
                 print(f"{p['plan_hash']}  {p['name']}")
@@ -163,6 +188,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"run {done.run_id} exported to {done.out}")
             print(f"  model sha256 {done.model_sha256}")
             print(f"  tree head: {done.head.size} entries, root {done.head.root}")
+        elif args.command == "release":
+            from coordinator.release import make_release
+
+            made = make_release(fed, args.run_id, args.version, args.out)
+            print(f"release {made.version} of run {made.run_id} published")
+            print(f"  weights sha256 {made.weights_sha256}")
+            print(f"  model card sha256 {made.model_card_sha256}")
+            print(f"  in the log as entry {made.entry_index}, under tree head {made.head.size}")
+            if made.out is not None:
+                print(f"  written to {made.out}")
     finally:
         fed.close()
     return 0
@@ -208,6 +243,20 @@ def _verify(path: Path) -> int:
     print(f"  {ok.sites} site keys, {ok.updates} signed updates, model sha256 {ok.model_sha256}")
     print(f"  last tree head: {ok.head.size} entries, root {ok.head.root}")
     return 0
+
+
+def _open_configured(path: Path) -> Federation:
+    """The federation a service configuration file describes, created on first start."""
+    service = load_service_config(path)
+    paths = DataDir(service.data_dir)
+    if not paths.config_file.exists():
+        Federation.init(service.data_dir, service.coordinator).close()
+        log.info("federation %r created in %s", service.coordinator.federation, paths.root)
+    elif paths.update_config(service.coordinator):
+        log.info("settings of %s updated from %s", paths.root, service.path)
+    fed = Federation.open(service.data_dir)
+    log.info("certificate SHA-256 %s (invitations carry it for sites to pin)", fed.fingerprint())
+    return fed
 
 
 def _serve(fed: Federation) -> int:

@@ -46,6 +46,7 @@ class Federation:
     def open(cls, root: Path) -> Federation:
         paths = DataDir(Path(root))
         config = paths.load_config()
+        paths = paths.for_config(config)  # an operator-provided TLS certificate, if chosen
         store = Store(paths.database, head_key=load_private_key(paths.signing_key))
         return cls(paths, config, store, BlobStore(paths.blobs))
 

@@ -158,7 +158,24 @@ class LocalFederation:
             cmd.append("--exit-when-done")
         if share_summary:
             cmd.append("--share-summary")
+        cmd += self._advance_decisions(site)
         site.proc = _spawn(cmd, site.log_path)
+
+    def _advance_decisions(self, site: SiteProcess) -> list[str]:
+        """The demo's site leads have read the charter and the plans the consortium lead sent
+        them, and accept them in advance (signed, under their name, when offered)."""
+        fed = Federation.open(self.coordinator_dir)
+        try:
+            charter = fed.store.charter()
+            plans = [p["plan_hash"] for p in fed.store.plans()]
+        finally:
+            fed.close()
+        args = ["--approve-as", f"Site lead of {site.name}"]
+        if charter is not None:
+            args += ["--accept-charter", charter.sha256]
+        for plan_hash in plans:
+            args += ["--approve-plan", plan_hash]
+        return args
 
     def start_run(self, fed: Federation, plan: TrainingPlan) -> str:
         plan_hash = fed.add_plan(plan)

@@ -35,6 +35,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from coordinator import governance
 from coordinator.aggregation import aggregate_round, check_update
 from coordinator.engine import (
     Action,
@@ -63,10 +64,13 @@ from shared.protocol import signed
 from shared.protocol.codec import DEFAULT_LIMITS, Limits
 from shared.protocol.messages import (
     Authenticate,
+    CharterSignature,
     ChunkAck,
     DataSummaryReport,
     Enrol,
     ErrorMessage,
+    HeadRequest,
+    PlanDecision,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -74,6 +78,7 @@ from shared.protocol.messages import (
     TransferOffer,
     UpdateAccepted,
     UpdateOffer,
+    ValidationReport,
 )
 from shared.protocol.session import (
     ChunkReceived,
@@ -140,6 +145,8 @@ class CoordinatorServer:
         self.plan_signature = ""
         self.engine: RoundEngine | None = None
         self.model: RoundModel | None = None
+        self._final: RoundModel | None = None  # the finished run's model, offered for validation
+        self._governance_seen: tuple[int, str | None] | None = None
         self.timings: list[RoundTimings] = []  # this process's rounds, also in timings.jsonl
         self._timer: PhaseClock | None = None
         self._fresh: tuple[str, bytes] | None = None  # the model aggregation just stored
@@ -185,6 +192,7 @@ class CoordinatorServer:
         while not self._stopping.is_set():
             if self.engine is None or self.engine.finished:
                 self._load_run()
+            self._governance_changed()
             now = self.clock()
             if self.engine is not None:
                 self._apply(self.engine.tick(now))
@@ -220,7 +228,7 @@ class CoordinatorServer:
         )
         now = self.clock()
         for site_id in sorted(self.connections):
-            self._apply(self.engine.site_online(site_id, now))
+            self._site_ready(site_id, now)
 
     # -- engine actions ------------------------------------------------------------------
 
@@ -327,11 +335,42 @@ class CoordinatorServer:
         self._spawn(self._flush(conn))
 
     def _send_finished(self, conn: Connection) -> None:
-        run = self.run
-        if run is None or run.status != "finished":
+        """Say the run is over and offer its final model, signed once, for the sites'
+        validation on their own held-out data."""
+        run, plan = self.run, self.plan
+        if run is None or plan is None or run.status != "finished":
             return
+        final = self._final
+        if final is None or final.offer.sha256 != run.model_digest:
+            try:
+                data = self.fed.blobs.get(run.model_digest)
+            except TesseraError as exc:
+                log.error("cannot offer the final model: %s", exc)
+                data = None
+            if data is not None:
+                offer = make_offer(
+                    "f-" + run.model_digest, data, self.limits.chunk_size, sha256=run.model_digest
+                )
+                signature = sign(
+                    self.key,
+                    signed.FINAL_MODEL,
+                    signed.final_model_fields(
+                        run_id=run.run_id,
+                        rounds=run.current_round,
+                        plan_hash=plan.plan_hash,
+                        sha256=run.model_digest,
+                    ),
+                )
+                final = self._final = RoundModel(run.current_round, data, offer, signature)
         conn.session.send(
-            RunFinished(run_id=run.run_id, rounds=run.current_round, final_model=run.model_digest)
+            RunFinished(
+                run_id=run.run_id,
+                rounds=run.current_round,
+                final_model=run.model_digest,
+                plan_hash=plan.plan_hash if final else "",
+                model=final.offer.body() if final else {},
+                model_signature=final.signature if final else "",
+            )
         )
         self._spawn(self._flush(conn))
 
@@ -492,8 +531,15 @@ class CoordinatorServer:
         elif isinstance(msg, Authenticate):
             self._authenticate(conn, msg, now)
         elif isinstance(msg, TransferAccept):
-            model = self.model
-            if model is not None and msg.transfer_id == model.offer.transfer_id:
+            model = next(
+                (
+                    m
+                    for m in (self.model, self._final)
+                    if m is not None and m.offer.transfer_id == msg.transfer_id
+                ),
+                None,
+            )
+            if model is not None:
                 try:
                     for frame in chunk_frames(model.offer, model.data, msg.next_index):
                         await conn.ws.send(frame)
@@ -520,8 +566,34 @@ class CoordinatorServer:
             log.info(
                 "site %s shared its data summary (%d images)", conn.site_id, msg.summary["images"]
             )
+        elif (
+            isinstance(msg, CharterSignature | PlanDecision | ValidationReport | HeadRequest)
+            and conn.site_id is not None
+        ):
+            self._on_governance(conn, conn.site_id, msg, now)
         elif isinstance(msg, ErrorMessage):
             log.warning("site %s reports %s: %s", conn.site_id, msg.code, msg.message)
+
+    def _on_governance(self, conn: Connection, site_id: str, msg: Any, now: float) -> None:
+        """What a site signed or asks of the log; each checked against its key first."""
+        try:
+            if isinstance(msg, CharterSignature):
+                governance.record_charter_signature(self.fed, site_id, msg, now)
+                log.info("site %s signed charter version %d", site_id, msg.version)
+                self._site_ready(site_id, now)
+            elif isinstance(msg, PlanDecision):
+                governance.record_plan_decision(self.fed, site_id, msg, now)
+                log.info("site %s: %s plan %s", site_id, msg.decision, msg.plan_hash[:12])
+            elif isinstance(msg, ValidationReport):
+                governance.record_validation(self.fed, site_id, msg, now)
+                log.info("site %s validated round %d: %s", site_id, msg.round, msg.metrics)
+            else:
+                update = governance.head_update(self.fed, site_id, msg)
+                if update is not None:
+                    conn.session.send(update)
+        except TesseraError as exc:
+            log.warning("%s from %s refused: %s (%s)", msg.TYPE, site_id, exc, exc.code)
+            conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
 
     def _enrol(self, conn: Connection, msg: Enrol, now: float) -> None:
         try:
@@ -582,10 +654,40 @@ class CoordinatorServer:
             federation=self.fed.config.federation,
         )
         log.info("site %s (%s) connected", site_id, name)
+        conn.session.send(governance.notice(self.fed, site_id))
         if self.engine is not None and not self.engine.finished:
-            self._apply(self.engine.site_online(site_id, now))
+            self._site_ready(site_id, now, connected=True)
         else:
             self._send_finished(conn)
+
+    def _site_ready(self, site_id: str, now: float, *, connected: bool = False) -> None:
+        """Bring a connected site into the engine if it may take part (it signed the current
+        charter), or keep it out, saying why in the log. ``connected``: the site has just
+        (re)connected, so an open round invites it again (it resumes where it was)."""
+        if self.engine is None or self.engine.finished:
+            return
+        reason = governance.ineligibility(self.fed, site_id)
+        online = site_id in self.engine.online
+        if reason is None and (connected or not online):
+            self._apply(self.engine.site_online(site_id, now))
+        elif reason is not None:
+            log.info("site %s is left out of rounds: it %s", site_id, reason)
+            if online:
+                self._apply(self.engine.site_offline(site_id, now))
+
+    def _governance_changed(self) -> None:
+        """A charter was published or a run started from the admin CLI: tell every connected
+        site and re-check who may take part."""
+        charter = self.fed.store.charter()
+        state = (charter.version if charter else 0, self.run.run_id if self.run else None)
+        if state == self._governance_seen:
+            return
+        self._governance_seen = state
+        now = self.clock()
+        for site_id, conn in list(self.connections.items()):
+            conn.session.send(governance.notice(self.fed, site_id))
+            self._spawn(self._flush(conn))
+            self._site_ready(site_id, now)
 
     async def _flush_and_close(self, conn: Connection) -> None:
         await self._flush(conn)

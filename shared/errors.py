@@ -32,6 +32,8 @@ Tree::
     │       ├── SecretSharingError        too few, duplicate or inconsistent Shamir shares
     │       └── SecAggMessageRejected     forged, replayed, unexpected or unsafe messages
     ├── shared.provenance.errors.ProvenanceError  provenance.* (log rewritten, bad tree head)
+    ├── ReleaseError                      release.* (a model release: version, altered or
+    │                                     unsigned file, not in the provenance log)
     │
     │   defined beside the adapter that raises them (they name its settings):
     ├── coordinator.config.ConfigError    config.*, run.busy   (coordinator data directory)
@@ -206,3 +208,23 @@ class SecAggMessageRejected(SecureAggregationError):
     """
 
     code = "privacy.secagg.rejected"
+
+
+# --- releases ---------------------------------------------------------------------------
+
+
+class ReleaseError(TesseraError):
+    """A model release that must not be made or used.
+
+    Codes: ``release.bad_version`` (not X.Y), ``release.duplicate_version`` (already published),
+    ``release.unknown`` (no release with that version), ``release.missing_file`` and
+    ``release.bad_file`` (a part of the release folder is absent or unreadable), and, when a
+    site checks a release, what was altered: ``release.bad_signature`` (the manifest),
+    ``release.weights_mismatch``, ``release.model_card_mismatch``, ``release.plan_mismatch``,
+    ``release.charter_mismatch``, ``release.bad_tree_head`` (its signature),
+    ``release.tree_head_mismatch`` (another head than the manifest names) and
+    ``release.not_in_log`` (the release entry or its inclusion proof does not match the head);
+    ``release.no_saliency`` (the model has no feature map to draw a saliency map from).
+    """
+
+    code = "release.error"

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import TesseraError
-from site_client import cli_governance
+from site_client import cli_governance, cli_predict
 from site_client.core.config import SiteDir
 
 if TYPE_CHECKING:
+    from site_client.core.governance_link import StandingApprovals
     from site_client.core.participant import LocalData
 
 DEFAULT_DIR = Path("tessera-site-data")
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=DEFAULT_DIR,
         help="where this site keeps its key, settings and caches",
+    )
+    p.add_argument(
+        "--self-test",
+        action="store_true",
+        help="on its own: check that this installation works (libraries, database, DICOM, "
+        "training, window) on synthetic data in a temporary folder, then exit",
     )
     sub = p.add_subparsers(dest="command", required=True)
     enrol = sub.add_parser("enrol", help="join a federation with an invitation code")
@@ -58,6 +65,27 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the coordinator this site's data summary (counts by modality, scanner, "
         "label, image size; no identifiers). Off by default",
+    )
+    run.add_argument(
+        "--approve-as",
+        metavar="NAME",
+        default=None,
+        help="for an unattended site: the person whose advance decisions the next two options "
+        "are (signed with the site key)",
+    )
+    run.add_argument(
+        "--accept-charter",
+        metavar="SHA256",
+        action="append",
+        default=[],
+        help="accept the charter with this SHA-256 when the coordinator offers it",
+    )
+    run.add_argument(
+        "--approve-plan",
+        metavar="HASH",
+        action="append",
+        default=[],
+        help="approve the plan with this hash when it is offered (if it meets the site policy)",
     )
     imp = sub.add_parser(
         "import", help="index a folder (or file) of DICOM images; only changed files are read"
@@ -98,11 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         help="render every page with demo data into PNG files in DIR, then exit",
     )
     cli_governance.add_parsers(sub)
+    cli_predict.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--self-test"]:  # before the subcommands, which it does not need
+        return _self_test(argv[1:])
     args = _parser().parse_args(argv or ["gui"])  # no command: the desktop app
     logging.basicConfig(
         level=logging.INFO,
@@ -125,12 +156,38 @@ def main(argv: list[str] | None = None) -> int:
             return _pacs_listen(args, site_dir)
         if args.command in cli_governance.COMMANDS:
             return cli_governance.dispatch(args, site_dir)
+        if args.command in cli_predict.COMMANDS:
+            return cli_predict.dispatch(args, site_dir)
         if args.command == "gui":
             return _gui(args)
         return _run(args, site_dir)
     except TesseraError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2
+
+
+def _self_test(extra: list[str]) -> int:
+    """``--self-test``: the checks of ``site_client.core.selftest``, plus the main window when
+    the desktop app is installed; exit status 0 only when every check passed."""
+    import importlib.util
+
+    from site_client.core.selftest import Check, Skipped, run_self_test
+
+    if extra:
+        print(
+            f"error: --self-test takes no other arguments (got {' '.join(extra)})", file=sys.stderr
+        )
+        return 2
+
+    def main_window(ctx: object) -> str:
+        if importlib.util.find_spec("site_client.gui.main_window") is None:
+            raise Skipped("no GUI module")
+        from site_client.gui.selftest import check_main_window
+
+        return check_main_window(ctx)
+
+    gui: Check = ("main window", main_window)
+    return run_self_test(extra=[gui]).exit_code
 
 
 def _gui(args: argparse.Namespace) -> int:
@@ -216,6 +273,7 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
         exit_when_done=args.exit_when_done,
         share_summary=args.share_summary,
         threads=args.threads,
+        standing=_standing(args),
     )
 
     async def main() -> None:
@@ -230,6 +288,25 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
     except asyncio.CancelledError:
         return 130
     return 0
+
+
+def _standing(args: argparse.Namespace) -> StandingApprovals | None:
+    """Decisions made in advance for an unattended site, under a person's name."""
+    from site_client.core.governance_link import StandingApprovals
+
+    if not (args.accept_charter or args.approve_plan):
+        return None
+    if not args.approve_as:
+        raise TesseraError(
+            "--accept-charter and --approve-plan need --approve-as NAME: the person whose "
+            "decision they are (it is signed with the site key).",
+            code="config.arguments",
+        )
+    return StandingApprovals(
+        person=args.approve_as,
+        charters=frozenset(h.lower() for h in args.accept_charter),
+        plans=frozenset(h.lower() for h in args.approve_plan),
+    )
 
 
 def _local_data(args: argparse.Namespace, site_dir: SiteDir) -> LocalData:

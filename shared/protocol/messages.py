@@ -20,7 +20,8 @@ Connection flow (site S, coordinator C)::
     C -> S  TransferAccept(update transfer, next_index)
     S -> C  Chunk(...) x n                     C -> S  ChunkAck(next_index) per chunk
     C -> S  UpdateAccepted(run, round, digest)    only once the update is on disk
-    C -> S  RunFinished(run, final model digest)
+    C -> S  RunFinished(run, final model digest, final model offer)
+    S -> C  ValidationReport(metrics of the final model on the site's held-out data)
 """
 
 from __future__ import annotations
@@ -361,15 +362,30 @@ class RoundDecline(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunFinished(Message):
+    """The run is over. ``model`` offers the final model (a ``TransferOffer``, ``{}`` if not
+    offered) so each site can validate it on its own held-out data; the coordinator signs it
+    (purpose ``model.final``)."""
+
     TYPE: ClassVar[str] = "run_finished"
     run_id: str
     rounds: int
     final_model: str
+    plan_hash: str = ""
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_signature: str = ""
 
     def __post_init__(self) -> None:
         _ident(self.run_id, "run_finished.run_id")
         _check(self.rounds >= 0, "run_finished.rounds must be >= 0")
         _hex64(self.final_model, "run_finished.final_model")
+        if self.model:
+            _hex64(self.plan_hash, "run_finished.plan_hash")
+            offer = TransferOffer.from_dict(self.model)
+            _check(offer.sha256 == self.final_model, "run_finished.model is not the final model")
+
+    @property
+    def model_offer(self) -> TransferOffer | None:
+        return TransferOffer.from_dict(self.model) if self.model else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,8 +493,11 @@ class ValidationReport(Message):
             set(self.metrics) == set(_METRIC_NAMES),
             f"validation_report.metrics must be exactly {', '.join(_METRIC_NAMES)}",
         )
-        for name in _METRIC_NAMES[:-1]:
-            _check(_matches(self.metrics[name], float), f"validation_report.{name} must be finite")
+        for name in _METRIC_NAMES[:-1]:  # null: undefined here (e.g. AUC with one class)
+            _check(
+                _matches(self.metrics[name], float | None),
+                f"validation_report.{name} must be a finite number or null",
+            )
         _check(
             _matches(self.metrics["n"], int) and self.metrics["n"] >= 1,
             "validation_report.n must be a count >= 1",

@@ -16,7 +16,9 @@ PLAN_DECISION = "plan.decision"
 VALIDATION = "validation"
 ENROL = "enrol"
 MODEL = "model"
+FINAL_MODEL = "model.final"
 PLAN = "plan"
+RELEASE = "release"
 UPDATE = "update"
 
 
@@ -89,6 +91,11 @@ def model_fields(*, run_id: str, round: int, plan_hash: str, sha256: str) -> dic
     return {"run_id": run_id, "round": round, "plan_hash": plan_hash, "sha256": sha256}
 
 
+def final_model_fields(*, run_id: str, rounds: int, plan_hash: str, sha256: str) -> dict[str, Any]:
+    """Signed by the coordinator for the model a finished run produced."""
+    return {"run_id": run_id, "rounds": rounds, "plan_hash": plan_hash, "sha256": sha256}
+
+
 def update_fields(
     *,
     run_id: str,
@@ -108,3 +115,45 @@ def update_fields(
         "sha256": sha256,
         "num_samples": num_samples,
     }
+
+
+def release_entry_fields(
+    *,
+    federation: str,
+    version: str,
+    run_id: str,
+    plan_hash: str,
+    architecture: str,
+    architecture_version: str,
+    model: str,
+    weights_sha256: str,
+    model_card_sha256: str,
+    model_card_html_sha256: str,
+) -> dict[str, Any]:
+    """What a model release consists of, as the coordinator logs it (``release_published``).
+
+    ``model`` is the digest of the run's final weights as the log recorded them
+    (``run_finished``); ``weights_sha256`` the SHA-256 of the release's weights file, which
+    carries the same tensors with the release's metadata; the model card is hashed as JSON and
+    as the HTML page people read.
+    """
+    return {
+        "federation": federation,
+        "version": version,
+        "run_id": run_id,
+        "plan_hash": plan_hash,
+        "architecture": architecture,
+        "architecture_version": architecture_version,
+        "model": model,
+        "weights_sha256": weights_sha256,
+        "model_card_sha256": model_card_sha256,
+        "model_card_html_sha256": model_card_html_sha256,
+    }
+
+
+def release_fields(
+    *, entry: dict[str, Any], tree_head_size: int, tree_head_root: str
+) -> dict[str, Any]:
+    """Signed by the coordinator (purpose ``release``): the release as logged
+    (:func:`release_entry_fields`) and the tree head that covers that log entry."""
+    return {**entry, "tree_head_size": tree_head_size, "tree_head_root": tree_head_root}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -46,11 +47,30 @@ POLICY_PERSON = "Site policy (automatic)"
 MAX_PROOFS = 64
 
 
+@dataclass(frozen=True, slots=True)
+class StandingApprovals:
+    """Decisions a person made in advance for an unattended site (``tessera-site run
+    --approve-as NAME --accept-charter SHA256 --approve-plan HASH``): the exact charter text
+    and plan, named by their hashes (sent by the consortium lead), are accepted under that
+    person's name when they are offered. Anything else still waits for a person."""
+
+    person: str
+    charters: frozenset[str] = frozenset()  # SHA-256 of accepted charter texts
+    plans: frozenset[str] = frozenset()  # approved plan hashes
+
+
 class GovernanceLink:
-    def __init__(self, record: SiteGovernance, config: SiteConfig, key: Ed25519PrivateKey):
+    def __init__(
+        self,
+        record: SiteGovernance,
+        config: SiteConfig,
+        key: Ed25519PrivateKey,
+        standing: StandingApprovals | None = None,
+    ):
         self.record = record
         self.config = config
         self.key = key
+        self.standing = standing
 
     # -- notices -------------------------------------------------------------------------
 
@@ -66,6 +86,16 @@ class GovernanceLink:
                     now,
                 )
             mine = self.record.charter_signature(notice.charter_version)
+            standing = self.standing
+            if (
+                mine is None
+                and standing is not None
+                and notice.charter_sha256 in standing.charters
+                and self.record.charter(notice.charter_version) is not None
+            ):
+                mine = self.record.accept_charter(
+                    notice.charter_version, standing.person, self.key, now
+                )
             if mine is not None and not notice.charter_signed:
                 out.append(mine)
         policy = self.record.policy()
@@ -95,6 +125,15 @@ class GovernanceLink:
                         )
                     )
                     continue
+                if self.standing is not None and item["plan_hash"] in self.standing.plans:
+                    self.record.decide_plan(
+                        item["plan_hash"],
+                        approve=True,
+                        reason="",
+                        person=self.standing.person,
+                        key=self.key,
+                        now=now,
+                    )
             decision = self.record.plan_decision(item["plan_hash"])
             if decision is not None and decision.decision != item["decision"]:
                 out.append(decision)
@@ -221,6 +260,15 @@ class GovernanceLink:
 
     # -- validation ----------------------------------------------------------------------
 
+    def validated(self, run_id: str, rnd: int) -> bool:
+        """Whether this site already reported its validation of (run, round)."""
+        return any(
+            a["kind"] == "validation_reported"
+            and a["detail"].get("run_id") == run_id
+            and a["detail"].get("round") == rnd
+            for a in self.record.activity()
+        )
+
     def validation_report(
         self, run_id: str, rnd: int, model: str, metrics: dict[str, Any], now: float
     ) -> ValidationReport:
@@ -250,4 +298,4 @@ def _privacy(plan: TrainingPlan) -> dict[str, Any]:
     }
 
 
-__all__ = ["POLICY_PERSON", "GovernanceLink"]
+__all__ = ["POLICY_PERSON", "GovernanceLink", "StandingApprovals"]

@@ -44,6 +44,8 @@ from shared.protocol.messages import (
     Challenge,
     DataSummaryReport,
     ErrorMessage,
+    GovernanceNotice,
+    HeadUpdate,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -62,12 +64,26 @@ from shared.protocol.session import (
     TransferFailed,
 )
 from shared.protocol.transfer import chunk_frames, make_offer
+from shared.provenance.errors import ProvenanceError
 from site_client.core.config import SiteDir
+from site_client.core.governance import SiteGovernance
+from site_client.core.governance_link import GovernanceLink, StandingApprovals
 from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
 
-FATAL_CODES = {"identity.unknown_site", "crypto.bad_signature", "net.pin_mismatch"}
+FATAL_CODES = {
+    "identity.unknown_site",
+    "crypto.bad_signature",
+    "net.pin_mismatch",
+    # the coordinator's log is not what this site saw: stop taking part (provenance.*)
+    "provenance.rewritten",
+    "provenance.shrunk",
+    "provenance.bad_signature",
+    "provenance.bad_head",
+    "provenance.missing_entry",
+    "provenance.misrecorded",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +142,23 @@ class Participant:
         on_progress: Callable[[int, int], None] | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        standing: StandingApprovals | None = None,
     ) -> None:
         self.dir = site_dir
         site_dir.ensure()
         self.config = site_dir.load()
         self.key = load_private_key(site_dir.key_file)
+        self.governance = GovernanceLink(
+            SiteGovernance(
+                site_dir.governance_db,
+                federation=self.config.federation,
+                site_id=self.config.site_id,
+                coordinator_key=self.config.coordinator_key,
+            ),
+            self.config,
+            self.key,
+            standing,
+        )
         self.data = data
         self.exit_when_done = exit_when_done
         self.share_summary = share_summary  # the site's choice; off unless it opts in
@@ -148,9 +176,10 @@ class Participant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
-        self._downloads: dict[str, tuple[RoundInvite, Any]] = {}
+        self._downloads: dict[str, tuple[RoundInvite | RunFinished, Any]] = {}
         self._uploads: dict[str, tuple[UpdateOffer, bytes]] = {}
         self._training: asyncio.Task[None] | None = None
+        self._validating: asyncio.Future[None] | None = None
         self._training_key: tuple[str, int] | None = None
         self._finished: RunFinished | None = None
 
@@ -164,7 +193,10 @@ class Participant:
             if self._training is not None and not self._training.done():
                 self.trainer.cancel()
                 self._training.cancel()
+            if self._validating is not None and not self._validating.done():
+                self._validating.cancel()
             await self.trainer.close()
+            self.governance.record.close()
 
     async def _run(self, max_attempts: int | None) -> RunFinished | None:
         attempt = 0
@@ -242,10 +274,13 @@ class Participant:
         elif isinstance(event, TransferComplete):
             entry = self._downloads.pop(event.offer.transfer_id, None)
             if entry is not None:
-                invite, fh = entry
+                target, fh = entry
                 fh.close()
                 self._verified.add(event.offer.sha256)
-                self._model_arrived(invite)
+                if isinstance(target, RunFinished):
+                    self._final_arrived(target)
+                else:
+                    self._model_arrived(target)
         elif isinstance(event, TransferFailed):
             entry = self._downloads.pop(event.transfer_id, None)
             if entry is not None:
@@ -277,8 +312,13 @@ class Participant:
             )
         elif isinstance(msg, Welcome):
             self.on_status(f"connected to {msg.federation} as {msg.site_name}")
+            session.send(self.governance.head_request())
             if self.share_summary:
                 self._share_summary()
+        elif isinstance(msg, GovernanceNotice):
+            self._on_notice(msg)
+        elif isinstance(msg, HeadUpdate):
+            self._on_head(msg)
         elif isinstance(msg, RoundInvite):
             self._on_invite(msg)
         elif isinstance(msg, TransferAccept):
@@ -293,7 +333,8 @@ class Participant:
         elif isinstance(msg, RunFinished):
             self._finished = msg
             self.on_status(f"run {msg.run_id} finished after {msg.rounds} rounds")
-            if self.exit_when_done:
+            session.send(self.governance.head_request())
+            if not self._fetch_final(msg) and self.exit_when_done:
                 session.close("site.done", "the run is finished")
         elif isinstance(msg, ErrorMessage):
             self._on_error(msg)
@@ -362,6 +403,11 @@ class Participant:
         except TesseraError as exc:
             self._decline(msg, exc.code, f"invitation refused: {exc}")
             return
+        refusal = self.governance.refusal(msg.plan_hash, time.time())
+        if refusal is not None:  # never trains for a plan this site has not approved
+            self._decline(msg, *refusal)
+            return
+        self._session.send(self.governance.head_request())  # the last round closed: a new head
         timer = self._round_clock(msg, started)
         timer.add("verify", self.clock() - started)
         self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
@@ -395,11 +441,15 @@ class Participant:
         else:
             fh.close()
 
-    def _model_path(self, msg: RoundInvite) -> Path:
-        return self.dir.models / f"{msg.model_offer.sha256}.safetensors"
+    def _model_path(self, msg: RoundInvite | RunFinished) -> Path:
+        offer = msg.model_offer
+        assert offer is not None
+        return self.dir.models / f"{offer.sha256}.safetensors"
 
-    def _model_part(self, msg: RoundInvite) -> Path:
-        return self.dir.models / f"{msg.model_offer.sha256}.part"
+    def _model_part(self, msg: RoundInvite | RunFinished) -> Path:
+        offer = msg.model_offer
+        assert offer is not None
+        return self.dir.models / f"{offer.sha256}.part"
 
     def _round_clock(self, msg: RoundInvite, now: float) -> PhaseClock:
         """The phase clock of (run, round), started at its first invitation; clocks of other
@@ -433,6 +483,8 @@ class Participant:
         self._training = asyncio.ensure_future(self._train(msg))
 
     async def _train(self, msg: RoundInvite) -> None:
+        if self._validating is not None and not self._validating.done():
+            await asyncio.shield(self._validating)  # the worker does one job at a time
         self.on_status(f"round {msg.round}: training on local data")
         name = f"{msg.run_id}-r{msg.round}"
         seed = int(
@@ -510,6 +562,11 @@ class Participant:
         self.on_status(f"round {msg.round}: sending the update ({len(data)} bytes)")
         self._offer_update(pending, data)
         await self._flush()
+        if msg.round >= 2:  # the model this round started from is round (r - 1)'s result
+            # Off the round's path: the next round's training waits for it (one worker).
+            self._validating = asyncio.ensure_future(
+                self._validate(msg.run_id, msg.round - 1, msg.plan, self._model_path(msg))
+            )
 
     def _data_job(self) -> dict[str, str]:
         if self.data.from_index:
@@ -542,6 +599,9 @@ class Participant:
             timer.mark("upload", self.clock())
 
     def _accepted(self, msg: UpdateAccepted) -> None:
+        upload = self._uploads.get("u-" + msg.sha256)
+        if upload is not None:
+            self.governance.contributed(upload[0], time.time())
         record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"
         record.unlink(missing_ok=True)
         (self.dir.outbox / f"{msg.sha256}.safetensors").unlink(missing_ok=True)
@@ -559,3 +619,131 @@ class Participant:
             except OSError as exc:  # a measurement: never worth failing a round for
                 log.warning("cannot write the round's timings: %s", exc)
         self.on_status(f"round {msg.round}: update accepted by the coordinator")
+
+    # -- governance, provenance and validation -------------------------------------------
+
+    def _on_notice(self, msg: GovernanceNotice) -> None:
+        assert self._session is not None
+        try:
+            replies = self.governance.on_notice(msg, time.time())
+        except TesseraError as exc:
+            self.on_status(f"the coordinator's charter or plans were not accepted: {exc}")
+            return
+        for reply in replies:
+            self._session.send(reply)
+        charter = self.governance.record.charter()
+        if charter is not None and charter.accepted_by is None:
+            self.on_status(
+                f"charter version {charter.version} awaits acceptance at this site "
+                "('tessera-site charter show', then 'charter accept'); until then this site "
+                "is left out of rounds"
+            )
+        for plan in self.governance.record.plans():
+            if plan.decision == "pending":
+                self.on_status(
+                    f"plan {plan.plan_hash[:12]} ('{plan.plan.name}') awaits approval at this "
+                    "site ('tessera-site plan show', then 'plan approve' or 'plan refuse')"
+                )
+
+    def _on_head(self, msg: HeadUpdate) -> None:
+        try:
+            proven = self.governance.on_head_update(msg, time.time())
+        except ProvenanceError as exc:
+            self.on_status(f"ALERT: {exc}")
+            self.governance.record.note("history_rewritten", time.time(), code=exc.code)
+            raise ConnectionFailed(exc.message, code=exc.code) from exc
+        if proven:
+            self.on_status(f"{proven} of this site's updates verified in the coordinator's log")
+
+    async def _validate(
+        self, run_id: str, rnd: int, plan: dict[str, Any], model_path: Path
+    ) -> None:
+        """Evaluate a global model on this site's held-out patients and report the metrics
+        (and nothing else) to the coordinator, signed."""
+        if self.governance.validated(run_id, rnd):
+            return
+        sha = model_path.stem
+        self.on_status(f"validating the global model of round {rnd} on this site's held-out data")
+        try:
+            metrics = await self.trainer.validate(
+                f"{run_id}-v{rnd}",
+                {
+                    "plan": plan,
+                    "model_path": str(model_path),
+                    "model_sha256": None if sha in self._verified else sha,
+                    **self._data_job(),
+                    "cache_dir": str(self.dir.tensors),
+                    "data_seed": 0,
+                },
+            )
+        except TesseraError as exc:
+            self.on_status(f"validation of round {rnd} failed: {exc}")
+            return
+        report = self.governance.validation_report(run_id, rnd, sha, metrics, time.time())
+        auc = metrics.get("auc")
+        self.on_status(
+            f"round {rnd}: global model on this site's held-out data: AUC "
+            + (f"{auc:.3f}" if isinstance(auc, float) else "undefined (one class)")
+        )
+        if self._session is not None and not self._session.closed:
+            self._session.send(report)
+            await self._flush()
+
+    def _fetch_final(self, msg: RunFinished) -> bool:
+        """Fetch the finished run's model to validate it; False if there is nothing to do."""
+        offer = msg.model_offer
+        session = self._session
+        record = self.governance.record
+        if offer is None or session is None or not record.approved(msg.plan_hash):
+            return False
+        if self.governance.validated(msg.run_id, msg.rounds):
+            return False
+        try:
+            verify(
+                self.config.coordinator_key,
+                signed.FINAL_MODEL,
+                signed.final_model_fields(
+                    run_id=msg.run_id,
+                    rounds=msg.rounds,
+                    plan_hash=msg.plan_hash,
+                    sha256=offer.sha256,
+                ),
+                msg.model_signature,
+            )
+        except TesseraError as exc:
+            self.on_status(f"the final model is not signed by the coordinator: {exc}")
+            return False
+        if self._model_path(msg).is_file():
+            self._final_arrived(msg)
+            return True
+        part = self._model_part(msg)
+        have = part.read_bytes() if part.exists() else b""
+        try:
+            next_index = session.expect_transfer(offer, have)
+        except TesseraError as exc:
+            self.on_status(f"cannot fetch the final model: {exc}")
+            return False
+        fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
+        fh.truncate(min(len(have), next_index * offer.chunk_size))
+        fh.seek(0, 2)
+        self._downloads[offer.transfer_id] = (msg, fh)
+        return True
+
+    def _final_arrived(self, msg: RunFinished) -> None:
+        part, final = self._model_part(msg), self._model_path(msg)
+        if part.exists():
+            part.replace(final)
+        record = self.governance.record.plan(msg.plan_hash)
+        assert record is not None
+        self._spawn(self._validate_final(msg, record.plan.to_dict(), final))
+
+    async def _validate_final(self, msg: RunFinished, plan: dict[str, Any], path: Path) -> None:
+        try:
+            if self._validating is not None and not self._validating.done():
+                await self._validating
+            await self._validate(msg.run_id, msg.rounds, plan, path)
+        finally:
+            if self.exit_when_done and self._session is not None and self._ws is not None:
+                self._session.close("site.done", "the run is finished")
+                await self._flush()
+                await self._ws.close()

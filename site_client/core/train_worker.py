@@ -88,10 +88,17 @@ def load_training_set(
 
 
 def load_from_index(
-    index_db: Path, pseudonym_key: Path, cache_dir: Path, plan: Any, seed: int
+    index_db: Path,
+    pseudonym_key: Path,
+    cache_dir: Path,
+    plan: Any,
+    seed: int,
+    *,
+    holdout: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The training side of the site's indexed, labelled images (``tessera-site import``),
-    from the tensor cache: memory maps, read one batch at a time by the training loop."""
+    """The training side (or, with ``holdout``, the held-out side) of the site's indexed,
+    labelled images (``tessera-site import``), from the tensor cache: memory maps, read one
+    batch at a time by the training loop."""
     from shared.errors import DataError
     from site_client.core.intake.dataset import build_dataset
     from site_client.core.intake.index import SiteIndex
@@ -121,6 +128,8 @@ def load_from_index(
         )
     finally:
         index.close()
+    if holdout:
+        return ds.holdout_images, ds.holdout_labels
     print(ds.summary(), file=sys.stderr)
     for skip in ds.skipped[:20]:
         print(f"left out image {skip.image} of study {skip.study}: {skip.reason}", file=sys.stderr)
@@ -226,8 +235,12 @@ def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
 def run_job(
     job: dict[str, Any], progress: Progress | None = None, *, reuse_model: bool = False
 ) -> dict[str, Any]:
-    """Train once; returns the result record's fields (``ok`` excluded). Raises on failure."""
+    """Train once; returns the result record's fields (``ok`` excluded). Raises on failure.
+    A job of ``kind`` "validate" evaluates the model on the site's held-out split instead."""
     import torch
+
+    if job.get("kind") == "validate":
+        return validate_job(job, reuse_model=reuse_model)
 
     from shared.aggregation import local_training_options, make_strategy
     from shared.models.state import load_model_arrays
@@ -306,6 +319,54 @@ def run_job(
             "cpu": time.process_time() - cpu_started,
         },
     }
+
+
+def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str, Any]:
+    """The global model's metrics on this site's held-out patients (the validation protocol:
+    metrics only leave the site). Undefined metrics (one class only) are ``None``."""
+    import torch
+
+    from shared.models.registry import build_model
+    from shared.models.state import load_model_arrays
+    from shared.plan import TrainingPlan
+    from shared.tensors import decode_tensors
+    from shared.training import evaluate
+
+    torch.set_num_threads(int(job.get("threads", 1)))
+    plan = TrainingPlan.from_dict(job["plan"])
+    raw = _read_model(Path(job["model_path"]), job.get("model_sha256"))
+    if job.get("index_db"):
+        images, labels = load_from_index(
+            Path(job["index_db"]),
+            Path(job["pseudonym_key"]),
+            Path(job["cache_dir"]),
+            plan,
+            int(job["data_seed"]),
+            holdout=True,
+        )
+    else:
+        from site_client.core.dataset import LocalDataset
+
+        ds = LocalDataset.from_folder(
+            Path(job["dicom_dir"]),
+            Path(job["labels_csv"]),
+            input_size=plan.input_size,
+            seed=int(job["data_seed"]),
+        )
+        images, labels = ds.holdout_images, ds.holdout_labels
+    model = (
+        _MODELS.get(plan)
+        if reuse_model
+        else build_model(
+            plan.architecture,
+            plan.architecture_version,
+            input_size=plan.input_size,
+            params=plan.architecture_params,
+            seed=plan.seed,
+        )
+    )
+    load_model_arrays(model, decode_tensors(raw))
+    return {"metrics": evaluate(model, images, labels).to_dict()}
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:

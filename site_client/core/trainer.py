@@ -123,6 +123,31 @@ class Trainer:
             {k: float(v) for k, v in dict(record.get("timings") or {}).items()},
         )
 
+    async def validate(self, name: str, job: dict[str, Any]) -> dict[str, Any]:
+        """The metrics of a ``kind: validate`` job (the model on the held-out split)."""
+        if self._busy:
+            raise TrainingError("A training job is already running.", code="training.busy")
+        request = {
+            "type": "job",
+            "name": name,
+            "job": {**job, "kind": "validate", "threads": self.threads},
+        }
+        line = (json.dumps(request) + "\n").encode("utf-8")
+        self._busy, self._cancelled = True, False
+        try:
+            record = await self._run(line)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        finally:
+            self._busy = False
+        if not record.get("ok"):
+            raise TrainingError(
+                str(record.get("message", "validation failed")),
+                code=str(record.get("code", "training.failed")),
+            )
+        return dict(record["metrics"])
+
     def cancel(self) -> None:
         """Stop the running job at once (kill the worker); nothing happens when idle."""
         if not self._busy:

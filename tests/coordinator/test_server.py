@@ -50,6 +50,7 @@ from shared.protocol.messages import (
     Chunk,
     ChunkAck,
     ErrorMessage,
+    GovernanceNotice,
     Message,
     RoundDecline,
     RoundInvite,
@@ -165,6 +166,7 @@ class RogueSite:
         self.fingerprint = fingerprint
         self.session = SiteSession()
         self.closed: Closed | None = None
+        self.notices: list[GovernanceNotice] = []
         self._events: list[Event] = []
 
     async def flush(self) -> None:
@@ -184,11 +186,18 @@ class RogueSite:
         return self._events.pop(0)
 
     async def expect(self, kind: type[M] | tuple[type[M], ...]) -> M:
-        """The next message, which must be a ``kind``; a ``Closed`` on the way is noted."""
+        """The next message, which must be a ``kind``; a ``Closed`` on the way is noted, and
+        the governance notice every site gets after its welcome is kept unless asked for."""
         while True:
             event = await self.next_event()
             if isinstance(event, Closed):
                 self.closed = event
+            elif (
+                isinstance(event, MessageReceived)
+                and isinstance(event.message, GovernanceNotice)
+                and not (isinstance(kind, type) and issubclass(kind, GovernanceNotice))
+            ):
+                self.notices.append(event.message)
             elif isinstance(event, MessageReceived):
                 assert isinstance(event.message, kind), f"expected {kind}, got {event.message!r}"
                 return event.message
@@ -223,6 +232,8 @@ class RogueSite:
             elif isinstance(event, TransferComplete):
                 assert event.offer == offer
                 return bytes(received), indices
+            elif isinstance(event, MessageReceived) and isinstance(event.message, GovernanceNotice):
+                self.notices.append(event.message)  # a run started: pushed whenever it changes
             else:
                 raise AssertionError(f"unexpected event during the download: {event!r}")
 
@@ -668,7 +679,21 @@ async def test_a_valid_update_is_stored_aggregated_and_the_run_finishes(joined: 
 
     run = fed.store.run(run_id)
     assert run is not None and run.status == "finished" and run.current_round == 1
-    assert finished == RunFinished(run_id=run_id, rounds=1, final_model=run.model_digest)
+    assert (finished.run_id, finished.rounds, finished.final_model) == (
+        run_id,
+        1,
+        run.model_digest,
+    )
+    # the final model is offered, signed, for the site's own validation
+    assert finished.model_offer is not None and finished.model_offer.sha256 == run.model_digest
+    verify(
+        fed.public_key(),
+        signed.FINAL_MODEL,
+        signed.final_model_fields(
+            run_id=run_id, rounds=1, plan_hash=finished.plan_hash, sha256=run.model_digest
+        ),
+        finished.model_signature,
+    )
     row = fed.store.round_row(run_id, 1)
     assert row is not None and row["status"] == "closed" and row["n_updates"] == 1
     assert (row["model_in"], row["model_out"]) == (base_digest, run.model_digest)

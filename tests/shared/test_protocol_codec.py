@@ -208,7 +208,10 @@ STRATEGIES[ValidationReport] = st.builds(
     model=hex64,
     metrics=st.fixed_dictionaries(
         {
-            **{m: finite for m in ("auc", "accuracy", "sensitivity", "specificity", "loss")},
+            **{
+                m: finite | st.none()
+                for m in ("auc", "accuracy", "sensitivity", "specificity", "loss")
+            },
             "n": st.integers(1, 1 << 30),
         }
     ),

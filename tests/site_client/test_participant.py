@@ -21,7 +21,11 @@ from shared.plan import demo_plan
 from shared.synthetic import generate_federation
 from site_client.core.config import SiteConfig, SiteConfigError, SiteDir
 from site_client.core.enrolment import enrol
+from site_client.core.governance import SiteGovernance
+from site_client.core.governance_link import StandingApprovals
 from site_client.core.participant import Backoff, LocalData, Participant
+
+CHARTER = Path(__file__).parents[2] / "coordinator" / "templates" / "charter.md"
 
 
 def test_backoff_grows_exponentially_with_full_jitter_and_a_cap() -> None:
@@ -103,13 +107,20 @@ async def test_rounds_reuse_one_warm_worker_and_both_sides_record_their_phases(
         plan = demo_plan(
             rounds=2, quorum=1, min_sites=1, input_size=32, batch_size=8, local_epochs=1
         )
-        run_id = fed.start_run(fed.add_plan(plan)).run_id
+        charter = fed.publish_charter(CHARTER.read_bytes())
+        plan_hash = fed.add_plan(plan)
+        run_id = fed.start_run(plan_hash).run_id
         workers: list[int | None] = []
         participant = Participant(
             site_dir,
             LocalData(data.sites[0].dicom_dir, data.sites[0].labels_csv),
             exit_when_done=True,
             on_status=lambda s: workers.append(participant.trainer.pid) if "sending" in s else None,
+            standing=StandingApprovals(
+                person="Dr. Site Lead",
+                charters=frozenset({charter.sha256}),
+                plans=frozenset({plan_hash}),
+            ),
         )
         finished = await asyncio.wait_for(participant.run(max_attempts=3), timeout=120)
 
@@ -135,6 +146,31 @@ async def test_rounds_reuse_one_warm_worker_and_both_sides_record_their_phases(
         ]
         assert all(tuple(r.phases) == COORDINATOR_PHASES for r in coord_records)
         assert read_timings(fed.paths.root / TIMINGS_FILE) == coord_records
+        # governance: the charter was signed and the plan approved by the named person, the
+        # site validated the model of each round (the final one too) and reported metrics only
+        assert fed.store.charter_signed(config.site_id, charter.version)
+        assert fed.store.plan_decision(config.site_id, plan_hash)["person"] == "Dr. Site Lead"
+        validations = fed.store.validations(run_id)
+        assert [v["round"] for v in validations] == [1, 2]
+        assert set(validations[0]["metrics"]) == {
+            "auc",
+            "accuracy",
+            "sensitivity",
+            "specificity",
+            "loss",
+            "n",
+        }
+        assert validations[1]["model"] == fed.store.run(run_id).model_digest
+        # the site checked the coordinator's tree heads and found its round-1 update in the log
+        activity = SiteGovernance(
+            site_dir.governance_db,
+            federation="Test",
+            site_id=config.site_id,
+            coordinator_key=fed.public_key(),
+        )
+        kinds = [a["kind"] for a in activity.activity()]
+        activity.close()
+        assert "tree_head_checked" in kinds and "contribution_verified" in kinds
         # one clock on one machine: a site's round starts after the coordinator opened it
         for coord, site in zip(coord_records, site_records, strict=True):
             assert coord.started <= site.started <= site.ended
@@ -144,3 +180,53 @@ async def test_rounds_reuse_one_warm_worker_and_both_sides_record_their_phases(
         for task in list(server._tasks):
             task.cancel()
         fed.close()
+
+
+async def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("charter", [False, True], ids=["plan-not-approved", "charter-unsigned"])
+async def test_a_site_takes_no_part_without_its_own_approval(tmp_path: Path, charter: bool):
+    """Without a signature on the current charter the coordinator leaves the site out; without
+    an approval of the plan the site declines. Either way nothing is trained or sent."""
+    data = generate_federation(
+        tmp_path / "data", sites=1, seed=3, images_per_site=8, test_images=2, image_size=64
+    )
+    fed = Federation.init(tmp_path / "coord", CoordinatorConfig(federation="Test", port=0))
+    server = CoordinatorServer(fed, admin_poll_s=0.05)
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(server.serve(ready=ready.set_result))
+    try:
+        await asyncio.wait_for(ready, timeout=10)
+        site_dir = SiteDir(tmp_path / "site")
+        config = await enrol(fed.invite("Site A"), site_dir, "Site A")
+        if charter:
+            fed.publish_charter(CHARTER.read_bytes())
+        plan = demo_plan(rounds=1, quorum=1, min_sites=1, input_size=32, round_deadline_s=60)
+        run_id = fed.start_run(fed.add_plan(plan)).run_id
+        statuses: list[str] = []
+        participant = Participant(
+            site_dir,
+            LocalData(data.sites[0].dicom_dir, data.sites[0].labels_csv),
+            on_status=statuses.append,
+        )
+        task = asyncio.create_task(participant.run())
+        expected = "awaits acceptance" if charter else "is waiting for approval at this site"
+        await _wait_for(lambda: any(expected in s for s in statuses))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fed.store.updates(run_id, 1) == []
+        assert participant.trainer.pid is None  # no worker was ever started
+        if charter:
+            assert server.engine is not None and config.site_id not in server.engine.online
+            assert not any("declining" in s for s in statuses)  # never invited
+        else:
+            assert any(s.startswith("declining round 1") for s in statuses)
+    finally:
+        server.stop()
+        await serving
