@@ -59,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when the coordinator says the run is finished",
     )
-    run.add_argument("--threads", type=int, default=1, help="CPU threads for training")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for training (default: the site policy's share of this machine)",
+    )
     run.add_argument(
         "--share-summary",
         action="store_true",
@@ -272,7 +277,7 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
         _local_data(args, site_dir),
         exit_when_done=args.exit_when_done,
         share_summary=args.share_summary,
-        threads=args.threads,
+        threads=args.threads or _policy_threads(site_dir),
         standing=_standing(args),
     )
 
@@ -288,6 +293,21 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
     except asyncio.CancelledError:
         return 130
     return 0
+
+
+def _policy_threads(site_dir: SiteDir) -> int:
+    """Training threads from the site policy's CPU share (``tessera-site policy set``)."""
+    import os
+
+    from site_client.core.activity import open_governance
+
+    if not site_dir.is_enrolled():
+        return 1
+    record = open_governance(site_dir)
+    try:
+        return record.policy().threads(os.cpu_count() or 1)
+    finally:
+        record.close()
 
 
 def _standing(args: argparse.Namespace) -> StandingApprovals | None:
