@@ -96,6 +96,13 @@ def test_two_sites_two_rounds_over_tls(launcher: LocalFederation) -> None:
     checked = verify_bundle(exported.out)
     assert checked.updates == 4 and checked.sites == 2
     assert checked.heads >= 3  # one per closed round, one for the export
+    # each site validated the model of each round on its own held-out patients; the report an
+    # ethics board files shows the chart, every site's validation and the worst site
+    assert sorted(v["round"] for v in fed.store.validations(run_id)) == [1, 1, 2, 2]
+    page = (exported.out / "report.html").read_text("utf-8")
+    assert page.count("<svg") == 2 and "Worst site:" in page
+    for site in manifest.sites:
+        assert site.name in page
 
 
 def test_site_killed_mid_round_does_not_stop_the_round(launcher: LocalFederation) -> None:
