@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from coordinator.config import (
@@ -76,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     publish = charter_sub.add_parser("publish", help="check, sign and publish a Markdown charter")
     publish.add_argument("path", type=Path)
     charter_sub.add_parser("list", help="list the published charter versions")
+
+    dispute = sub.add_parser("dispute", help="disputes sites raised on rounds, releases, credit")
+    dispute_sub = dispute.add_subparsers(dest="dispute_command", required=True)
+    dlist = dispute_sub.add_parser("list", help="every dispute, open first")
+    dlist.add_argument("--open", action="store_true", help="only those not yet resolved")
+    resolve = dispute_sub.add_parser("resolve", help="resolve a dispute with a note (logged)")
+    resolve.add_argument("dispute_id")
+    resolve.add_argument("--note", required=True, help="the resolution, as the site will read it")
 
     export = sub.add_parser("export", help="write a finished run's model, bundle and report")
     export.add_argument("run_id", help="run id (a unique prefix is enough)")
@@ -181,6 +190,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "charter":
             for c in fed.store.charters():
                 print(f"version {c.version}  {c.sha256}")
+        elif args.command == "dispute" and args.dispute_command == "resolve":
+            fed.store.resolve_dispute(args.dispute_id, args.note.strip(), time.time())
+            print(f"dispute {args.dispute_id} resolved")
+        elif args.command == "dispute":
+            rows = fed.store.disputes(open_only=args.open)
+            rows.sort(key=lambda r: (r["resolved_at"] is not None, r["raised_at"]))
+            for r in rows:
+                what = {"round": f"round {r['round']}", "release": f"release {r['release']}"}
+                state = "open" if r["resolved_at"] is None else f"resolved: {r['resolution']}"
+                print(
+                    f"{r['dispute_id']}  {r['site_id']}  {r['run_id']} "
+                    f"{what.get(r['subject'], 'contribution')}  [{state}]  "
+                    f"{r['person']}: {r['reason']}"
+                )
         elif args.command == "export":
             from coordinator.export import export_run
 

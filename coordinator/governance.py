@@ -15,6 +15,7 @@ from shared.errors import GovernanceError, SignatureError
 from shared.protocol import signed
 from shared.protocol.messages import (
     CharterSignature,
+    Dispute,
     GovernanceNotice,
     HeadRequest,
     HeadUpdate,
@@ -168,3 +169,26 @@ def head_update(fed: Federation, site_id: str, request: HeadRequest) -> HeadUpda
     return HeadUpdate(
         head=head.to_dict(), consistency=[h.hex() for h in consistency], inclusions=inclusions
     )
+
+
+def record_dispute(fed: Federation, site_id: str, msg: Dispute, now: float) -> bool:
+    """Record a site's signed dispute (once; a resend after a reconnect changes nothing)."""
+    if fed.store.run(msg.run_id) is None:
+        raise GovernanceError(f"unknown run {msg.run_id}", code="governance.unknown_run")
+    body = {
+        "dispute_id": msg.dispute_id,
+        "subject": msg.subject,
+        "run_id": msg.run_id,
+        "round": msg.round,
+        "release": msg.release,
+        "reason": msg.reason,
+        "person": msg.person,
+    }
+    fields = signed.dispute_fields(federation=fed.config.federation, site_id=site_id, **body)
+    _check(fed, site_id, signed.DISPUTE, fields, msg.signature)
+    existing = fed.store.dispute(msg.dispute_id)
+    if existing is not None and existing["site_id"] != site_id:
+        raise GovernanceError(
+            "another site already used this dispute id", code="governance.dispute_id"
+        )
+    return fed.store.record_dispute(site_id, {**body, "signature": msg.signature}, now)

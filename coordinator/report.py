@@ -394,6 +394,35 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
                 {0},
             ),
         ]
+    raised = _of_run(entries, run_id, "dispute_raised")
+    resolved = {
+        e.payload["dispute_id"]: e.payload.get("resolution", "")
+        for e in entries
+        if e.kind == "dispute_resolved"
+    }
+    out.append("<h2>Disputes</h2>")
+    if raised:
+        subjects = {"round": "round {round}", "release": "release {release}"}
+        out.append(
+            _table(
+                ["Site", "About", "Raised by", "Reason", "State"],
+                [
+                    [
+                        names.get(p["site_id"], p["site_id"]),
+                        subjects.get(p["subject"], "recorded contribution").format(**p),
+                        p.get("person", ""),
+                        p.get("reason", ""),
+                        f"resolved: {resolved[p['dispute_id']]}"
+                        if p["dispute_id"] in resolved
+                        else "open",
+                    ]
+                    for p in raised
+                ],
+                set(),
+            )
+        )
+    else:
+        out.append("<p>No site raised a dispute about this run.</p>")
     out += [
         "<h2>Signed record</h2>",
         "<p>The coordinator signed this tree head over every entry of the federation's "

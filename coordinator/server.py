@@ -67,6 +67,7 @@ from shared.protocol.messages import (
     CharterSignature,
     ChunkAck,
     DataSummaryReport,
+    Dispute,
     Enrol,
     ErrorMessage,
     HeadRequest,
@@ -567,7 +568,9 @@ class CoordinatorServer:
                 "site %s shared its data summary (%d images)", conn.site_id, msg.summary["images"]
             )
         elif (
-            isinstance(msg, CharterSignature | PlanDecision | ValidationReport | HeadRequest)
+            isinstance(
+                msg, CharterSignature | PlanDecision | ValidationReport | HeadRequest | Dispute
+            )
             and conn.site_id is not None
         ):
             self._on_governance(conn, conn.site_id, msg, now)
@@ -587,6 +590,11 @@ class CoordinatorServer:
             elif isinstance(msg, ValidationReport):
                 governance.record_validation(self.fed, site_id, msg, now)
                 log.info("site %s validated round %d: %s", site_id, msg.round, msg.metrics)
+            elif isinstance(msg, Dispute):
+                if governance.record_dispute(self.fed, site_id, msg, now):
+                    log.warning(
+                        "site %s raised dispute %s: %s", site_id, msg.dispute_id, msg.reason
+                    )
             else:
                 update = governance.head_update(self.fed, site_id, msg)
                 if update is not None:

@@ -38,6 +38,24 @@ class GovernanceRecords:
         def log(self, kind: str, now: float, **detail: Any) -> None: ...
 
     def _create_governance_tables(self) -> None:
+        self._t("disputes").create(
+            {
+                "dispute_id": str,
+                "site_id": str,
+                "subject": str,
+                "run_id": str,
+                "round": int,
+                "release": str,
+                "reason": str,
+                "person": str,
+                "signature": str,
+                "raised_at": float,
+                "resolution": str,
+                "resolved_at": float,
+            },
+            pk="dispute_id",
+            if_not_exists=True,
+        )
         self._t("charters").create(
             {
                 "version": int,
@@ -248,3 +266,52 @@ class GovernanceRecords:
                 "run_id = ?", [run_id], order_by="round, site_id"
             )
         ]
+
+    # -- disputes -------------------------------------------------------------------------
+
+    def record_dispute(self, site_id: str, dispute: dict[str, Any], now: float) -> bool:
+        """Keep a site's signed dispute; ``False`` if it was already recorded (a resend)."""
+        with self.transaction():
+            if self.dispute(dispute["dispute_id"]) is not None:
+                return False
+            self._t("disputes").insert(
+                {
+                    **dispute,
+                    "site_id": site_id,
+                    "raised_at": now,
+                    "resolution": None,
+                    "resolved_at": None,
+                }
+            )
+            self.log("dispute_raised", now, site_id=site_id, **dispute)
+        return True
+
+    def resolve_dispute(self, dispute_id: str, resolution: str, now: float) -> None:
+        with self.transaction():
+            row = self.dispute(dispute_id)
+            if row is None:
+                raise GovernanceError(
+                    f"no dispute {dispute_id!r}; 'tessera-coordinator dispute list' shows them",
+                    code="governance.unknown_dispute",
+                )
+            if row["resolved_at"] is not None:
+                raise GovernanceError(
+                    f"dispute {dispute_id} was already resolved", code="governance.resolved"
+                )
+            self._t("disputes").update(dispute_id, {"resolution": resolution, "resolved_at": now})
+            self.log(
+                "dispute_resolved",
+                now,
+                dispute_id=dispute_id,
+                site_id=row["site_id"],
+                run_id=row["run_id"],
+                resolution=resolution,
+            )
+
+    def dispute(self, dispute_id: str) -> dict[str, Any] | None:
+        rows = list(self._t("disputes").rows_where("dispute_id = ?", [dispute_id]))
+        return dict(rows[0]) if rows else None
+
+    def disputes(self, *, open_only: bool = False) -> list[dict[str, Any]]:
+        where = "resolved_at IS NULL" if open_only else None
+        return [dict(r) for r in self._t("disputes").rows_where(where, order_by="raised_at")]

@@ -57,11 +57,25 @@ def add_parsers(sub: Any) -> None:
     setp.add_argument("--hours", help="when training may run, HH:MM-HH:MM local time, or 'any'")
     setp.add_argument("--cpu-percent", type=int, help="share of this machine's cores, 1-100")
 
+    dispute = sub.add_parser("dispute", help="dispute a round, a release or this site's credit")
+    dispute_sub = dispute.add_subparsers(dest="dispute_command", required=True)
+    dispute_sub.add_parser("list", help="the disputes this site raised")
+    raise_ = dispute_sub.add_parser("raise", help="raise a dispute, signed")
+    raise_.add_argument("--run", required=True, help="the run it is about")
+    about = raise_.add_mutually_exclusive_group(required=True)
+    about.add_argument("--round", type=int, help="a round of that run")
+    about.add_argument("--release", help="a release version of that run")
+    about.add_argument(
+        "--contribution", action="store_true", help="this site's recorded contribution"
+    )
+    raise_.add_argument("--reason", required=True, help="what is wrong, for the consortium lead")
+    raise_.add_argument("--name", required=True, help="your name, signed with the dispute")
+
     activity = sub.add_parser("activity", help="everything this site did and signed")
     activity.add_argument("--json", action="store_true")
 
 
-COMMANDS = ("charter", "plan", "policy", "activity")
+COMMANDS = ("charter", "plan", "policy", "dispute", "activity")
 
 
 def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
@@ -72,6 +86,8 @@ def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
         return _plan(args, site_dir, now)
     if args.command == "policy":
         return _policy(args, site_dir, now)
+    if args.command == "dispute":
+        return _dispute(args, site_dir, now)
     entries = load_activity(site_dir)
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
@@ -179,4 +195,45 @@ def _policy(args: argparse.Namespace, site_dir: SiteDir, now: float) -> int:
     print("Site policy saved:", file=sys.stderr)
     for key, value in saved.to_dict().items():
         print(f"{key}: {value}")
+    return 0
+
+
+def _dispute(args: argparse.Namespace, site_dir: SiteDir, now: float) -> int:
+    from shared.crypto.keys import load_private_key
+    from site_client.core.governance_link import GovernanceLink, pending_disputes, raise_dispute
+
+    config = site_dir.load()
+    record = open_governance(site_dir)
+    try:
+        link = GovernanceLink(record, config, load_private_key(site_dir.key_file))
+        if args.dispute_command == "list":
+            disputes = pending_disputes(link)
+            if not disputes:
+                print("This site has raised no dispute.")
+            for d in disputes:
+                about = {"round": f"round {d.round}", "release": f"release {d.release}"}
+                print(
+                    f"{d.dispute_id}  {d.run_id} {about.get(d.subject, 'contribution')}  "
+                    f"{d.person}: {d.reason}"
+                )
+            return 0
+        subject = (
+            "round" if args.round is not None else "release" if args.release else "contribution"
+        )
+        dispute = raise_dispute(
+            link,
+            subject=subject,
+            run_id=args.run,
+            rnd=args.round or 0,
+            release=args.release or "",
+            reason=args.reason,
+            person=args.name,
+            now=now,
+        )
+    finally:
+        record.close()
+    print(
+        f"Dispute {dispute.dispute_id} raised by {dispute.person}, signed with this site's key. "
+        "It is sent to the coordinator the next time this site connects."
+    )
     return 0

@@ -549,3 +549,39 @@ class HeadUpdate(Message):
             )
         for value in [*self.consistency, *(h for i in self.inclusions for h in i["proof"])]:
             _hex64(value, "head_update proof hash")
+
+
+_DISPUTE_SUBJECTS = ("round", "release", "contribution")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Dispute(Message):
+    """A site disputes a round, a release or its recorded contribution, with a reason; signed
+    by the site. ``dispute_id`` is chosen by the site, so sending it again is harmless."""
+
+    TYPE: ClassVar[str] = "dispute"
+    dispute_id: str
+    subject: str  # round | release | contribution
+    run_id: str
+    round: int  # the round disputed (0 when the subject is not a round)
+    release: str  # the release version disputed ("" when the subject is not a release)
+    reason: str
+    person: str
+    signature: str  # site, over ("dispute", {federation, site_id, dispute_id, subject, ...})
+
+    def __post_init__(self) -> None:
+        _ident(self.dispute_id, "dispute.dispute_id")
+        _check(
+            self.subject in _DISPUTE_SUBJECTS,
+            "dispute.subject must be round, release or contribution",
+        )
+        _ident(self.run_id, "dispute.run_id")
+        _check(self.round >= 0, "dispute.round must be >= 0")
+        _check(self.subject != "round" or self.round >= 1, "dispute.round is required")
+        _check(self.subject != "release" or bool(self.release), "dispute.release is required")
+        _check(len(self.release) <= 32, "dispute.release is too long")
+        _check(
+            len(self.reason.strip()) > 0 and len(self.reason) <= 2000,
+            "dispute.reason must be 1-2000 characters",
+        )
+        _check(0 < len(self.person) <= 200, "dispute.person must be 1-200 characters")

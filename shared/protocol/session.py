@@ -31,6 +31,7 @@ from shared.protocol.messages import (
     Chunk,
     ChunkAck,
     DataSummaryReport,
+    Dispute,
     Enrol,
     ErrorMessage,
     GovernanceNotice,
@@ -281,6 +282,7 @@ class CoordinatorSession(_Session):
             PlanDecision,
             ValidationReport,
             HeadRequest,
+            Dispute,
             ErrorMessage,
         ),
     }

@@ -12,6 +12,7 @@ from typing import Any
 AUTH = "auth"
 CHARTER = "charter"
 CHARTER_ACCEPT = "charter.accept"
+DISPUTE = "dispute"
 PLAN_DECISION = "plan.decision"
 VALIDATION = "validation"
 ENROL = "enrol"
@@ -157,3 +158,29 @@ def release_fields(
     """Signed by the coordinator (purpose ``release``): the release as logged
     (:func:`release_entry_fields`) and the tree head that covers that log entry."""
     return {**entry, "tree_head_size": tree_head_size, "tree_head_root": tree_head_root}
+
+
+def dispute_fields(
+    *,
+    federation: str,
+    site_id: str,
+    dispute_id: str,
+    subject: str,
+    run_id: str,
+    round: int,
+    release: str,
+    reason: str,
+    person: str,
+) -> dict[str, Any]:
+    """Signed by a site that raises a dispute."""
+    return {
+        "federation": federation,
+        "site_id": site_id,
+        "dispute_id": dispute_id,
+        "subject": subject,
+        "run_id": run_id,
+        "round": round,
+        "release": release,
+        "reason": reason,
+        "person": person,
+    }

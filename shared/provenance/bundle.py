@@ -263,6 +263,20 @@ _SITE_SIGNED = {
     ),
 }
 _SITE_SIGNED["plan_refused"] = _SITE_SIGNED["plan_approved"]
+_SITE_SIGNED["dispute_raised"] = lambda p, federation: (
+    signed.DISPUTE,
+    signed.dispute_fields(
+        federation=federation,
+        site_id=p["site_id"],
+        dispute_id=p["dispute_id"],
+        subject=p["subject"],
+        run_id=p["run_id"],
+        round=p["round"],
+        release=p["release"],
+        reason=p["reason"],
+        person=p["person"],
+    ),
+)
 
 
 def _check_updates(entries: Sequence[LogEntry], site_keys: Mapping[str, str]) -> int:

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.crypto.signing import sign
-from shared.errors import PlanError, TesseraError
+from shared.errors import GovernanceError, PlanError, TesseraError
 from shared.governance.policy import plan_refusals
 from shared.plan import TrainingPlan
 from shared.protocol import signed
 from shared.protocol.messages import (
+    Dispute,
     GovernanceNotice,
     HeadRequest,
     HeadUpdate,
@@ -287,6 +289,55 @@ class GovernanceLink:
             "validation_reported", now, run_id=run_id, round=rnd, model=model, metrics=metrics
         )
         return report
+
+
+def raise_dispute(
+    link: GovernanceLink,
+    *,
+    subject: str,
+    run_id: str,
+    rnd: int,
+    release: str,
+    reason: str,
+    person: str,
+    now: float,
+) -> Dispute:
+    """Sign and keep a dispute on a round, a release or this site's recorded contribution;
+    the participant sends it (again on every connection: the coordinator records each id
+    once)."""
+    if not reason.strip():
+        raise GovernanceError(
+            "say what is disputed and why; the reason is sent to the consortium lead",
+            code="governance.reason_required",
+        )
+    if not person.strip():
+        raise GovernanceError(
+            "give the name of the person raising the dispute", code="governance.person_required"
+        )
+    if (subject == "round" and rnd < 1) or (subject == "release" and not release):
+        raise GovernanceError(
+            "name the round (--round N) or the release (--release X.Y) that is disputed",
+            code="governance.dispute_subject",
+        )
+    body = {
+        "dispute_id": "d-" + uuid.uuid4().hex[:16],
+        "subject": subject,
+        "run_id": run_id,
+        "round": rnd,
+        "release": release,
+        "reason": " ".join(reason.split()),
+        "person": " ".join(person.split()),
+    }
+    fields = signed.dispute_fields(
+        federation=link.config.federation, site_id=link.config.site_id, **body
+    )
+    message = Dispute(**body, signature=sign(link.key, signed.DISPUTE, fields))
+    link.record.note("dispute_raised", now, **message.body())
+    return message
+
+
+def pending_disputes(link: GovernanceLink) -> list[Dispute]:
+    return [Dispute(**a["detail"]) for a in link.record.activity() if a["kind"] == "dispute_raised"]
 
 
 def _privacy(plan: TrainingPlan) -> dict[str, Any]:

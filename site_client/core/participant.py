@@ -67,7 +67,11 @@ from shared.protocol.transfer import chunk_frames, make_offer
 from shared.provenance.errors import ProvenanceError
 from site_client.core.config import SiteDir
 from site_client.core.governance import SiteGovernance
-from site_client.core.governance_link import GovernanceLink, StandingApprovals
+from site_client.core.governance_link import (
+    GovernanceLink,
+    StandingApprovals,
+    pending_disputes,
+)
 from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
@@ -629,7 +633,7 @@ class Participant:
         except TesseraError as exc:
             self.on_status(f"the coordinator's charter or plans were not accepted: {exc}")
             return
-        for reply in replies:
+        for reply in [*replies, *pending_disputes(self.governance)]:
             self._session.send(reply)
         charter = self.governance.record.charter()
         if charter is not None and charter.accepted_by is None:

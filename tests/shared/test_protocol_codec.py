@@ -20,6 +20,7 @@ from shared.protocol import (
     Chunk,
     ChunkAck,
     DataSummaryReport,
+    Dispute,
     Enrol,
     ErrorMessage,
     GovernanceNotice,
@@ -235,6 +236,18 @@ STRATEGIES[HeadUpdate] = st.builds(
         ),
         max_size=2,
     ),
+)
+
+STRATEGIES[Dispute] = st.builds(
+    Dispute,
+    dispute_id=idents,
+    subject=st.just("round"),
+    run_id=idents,
+    round=rounds,
+    release=st.just(""),
+    reason=sized_text(1, 100).filter(str.strip),
+    person=persons,
+    signature=texts,
 )
 
 messages = st.one_of(*STRATEGIES.values())

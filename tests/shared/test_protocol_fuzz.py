@@ -42,6 +42,7 @@ from shared.protocol import (
     Chunk,
     ChunkAck,
     DataSummaryReport,
+    Dispute,
     Enrol,
     ErrorMessage,
     GovernanceNotice,
@@ -109,6 +110,7 @@ COORDINATOR_ACCEPTS: dict[Phase, set[type[Message]]] = {
         PlanDecision,
         ValidationReport,
         HeadRequest,
+        Dispute,
         ErrorMessage,
     },
 }

@@ -122,3 +122,44 @@ def test_activity_lists_what_was_signed(site, capsys):
     assert "charter_accepted" in kinds and "plan_approved" in kinds
     assert _run(site_dir, "activity") == 0
     assert "Dr. Lin" in capsys.readouterr().out
+
+
+def test_dispute_raise_and_list(site, capsys):
+    site_dir, _, _ = site
+    assert _run(site_dir, "dispute", "list") == 0
+    assert "no dispute" in capsys.readouterr().out
+    assert (
+        _run(
+            site_dir,
+            "dispute",
+            "raise",
+            "--run",
+            "run-abc",
+            "--round",
+            "3",
+            "--reason",
+            "Round 3 dropped our update",
+            "--name",
+            "Dr. Lin",
+        )
+        == 0
+    )
+    assert "raised by Dr. Lin" in capsys.readouterr().out
+    assert _run(site_dir, "dispute", "list") == 0
+    assert "run-abc round 3  Dr. Lin: Round 3 dropped our update" in capsys.readouterr().out
+    assert (
+        _run(
+            site_dir,
+            "dispute",
+            "raise",
+            "--run",
+            "run-abc",
+            "--contribution",
+            "--reason",
+            " ",
+            "--name",
+            "Dr. Lin",
+        )
+        == 2
+    )
+    assert "say what is disputed" in capsys.readouterr().err
