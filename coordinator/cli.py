@@ -20,6 +20,7 @@ from coordinator.config import (
 )
 from coordinator.federation import Federation
 from shared.errors import TesseraError
+from shared.privacy.client_dp import protections
 
 DEFAULT_DIR = Path("tessera-coordinator-data")
 log = logging.getLogger("tessera.coordinator")
@@ -117,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=5)
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--dp",
+        action="store_true",
+        help="client-level differential privacy: sites clip and noise their updates",
+    )
+    demo.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="secure aggregation (not available in this version yet)",
+    )
     return p
 
 
@@ -149,7 +160,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from coordinator.demo import run_demo
 
-        return run_demo(sites=args.sites, rounds=args.rounds, out=args.out, seed=args.seed)
+        if args.secure_aggregation:
+            print(
+                "Secure aggregation is not available in this version yet; run the demo "
+                "without --secure-aggregation (--dp works on its own).",
+                file=sys.stderr,
+            )
+            return 2
+        return run_demo(
+            sites=args.sites, rounds=args.rounds, out=args.out, seed=args.seed, dp=args.dp
+        )
     if args.command == "verify":
         return _verify(args.bundle)
     if args.command == "init":
@@ -181,7 +201,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             run = fed.start_run(args.plan_hash)
             print(run.run_id)
         elif args.command == "status":
-            _print_status(fed.status(), as_json=args.json)
+            status = fed.status()
+            for run in status["runs"]:  # what each run's plan protects, and its epsilon
+                run["protections"] = protections(fed.plan(run["plan_hash"]).to_dict())
+            _print_status(status, as_json=args.json)
         elif args.command == "serve":
             return _serve(fed)
         elif args.command == "charter" and args.charter_command == "publish":
@@ -237,6 +260,8 @@ def _print_status(status: dict, *, as_json: bool) -> None:
         print(f"    {s['site_id']}  {s['name']}")
     for run in status["runs"]:
         print(f"  run {run['run_id']}: {run['status']}, round {run['current_round']}")
+        for line in run.get("protections", ()):
+            print(f"    {line}")
         for r in run["rounds"]:
             loss = "-" if r["mean_loss"] is None else f"{r['mean_loss']:.4f}"
             print(f"    round {r['round']}: {r['status']}, {r['updates']} updates, loss {loss}")

@@ -8,6 +8,16 @@ and all data pooled, and compares the three on the same test set. The operator-s
 evaluation is a demo convenience: in a real federation no one holds a pooled test set.
 Last, it exports the run (model, provenance bundle, HTML report) and verifies the bundle
 offline, as an auditor would.
+
+With ``dp`` (``--dp``) the plan asks for client-level differential privacy
+(``shared.privacy.client_dp``): each site clips its update to ``DEMO_DP["clip_norm"]`` and
+adds its full share of Gaussian noise, weights are equal, and the demo prints the epsilon each
+site spends. Three sites and five rounds is a hard regime for DP: the noise that a 60,817-
+parameter model tolerates over five rounds (a standard deviation of about 0.015 per weight)
+is a noise multiplier near 0.003 at a useful clipping bound, so the epsilon printed is in the
+hundreds of thousands, a formal guarantee in name only. The demo shows the mechanism end to
+end and reports the figure honestly; a real federation needs many more sites and rounds (the
+noise in the average falls with the number of sites) for a single-digit epsilon.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from shared.metrics import Metrics
 from shared.models.registry import build_model
 from shared.models.state import load_model_arrays
 from shared.plan import TrainingPlan, demo_plan
+from shared.privacy.client_dp import run_epsilon
 from shared.provenance import bundle as bundle_layout
 from shared.provenance.bundle import verify_bundle
 from shared.splits import split_patients
@@ -40,6 +51,8 @@ from shared.training import evaluate, train_local
 CHARTER_TEMPLATE = Path(__file__).parent / "templates" / "charter.md"
 HOLDOUT_FRACTION = 0.2  # what each site keeps back for its own validation (site default)
 DATA_SEED = 0
+#: Client-level DP settings for ``--dp``, calibrated on the synthetic federation (see above).
+DEMO_DP = {"clip_norm": 5.0, "noise_multiplier": 0.003, "delta": 1e-5}
 
 
 def _say(text: str = "") -> None:
@@ -74,7 +87,15 @@ def _train_split(site: LabelledImages) -> tuple[np.ndarray, np.ndarray]:
     return site.images[train_idx], site.labels[train_idx]
 
 
-def run_demo(*, sites: int, rounds: int, out: Path, seed: int = 0, timeout_s: float = 600.0) -> int:
+def run_demo(
+    *,
+    sites: int,
+    rounds: int,
+    out: Path,
+    seed: int = 0,
+    timeout_s: float = 600.0,
+    dp: bool = False,
+) -> int:
     t0 = time.monotonic()
     torch.set_num_threads(1)
     if out.exists():
@@ -86,9 +107,21 @@ def run_demo(*, sites: int, rounds: int, out: Path, seed: int = 0, timeout_s: fl
             f"  {s.name}: {s.n_images} studies of {s.n_patients} patients, "
             f"{s.manufacturer} {s.model}, prevalence {s.prevalence:.2f}"
         )
+    privacy: dict[str, object] = {"weighting": "uniform", "dp": DEMO_DP} if dp else {}
     plan = demo_plan(
-        rounds=rounds, quorum=max(1, sites - 1), min_sites=sites, round_deadline_s=120.0, seed=seed
+        rounds=rounds,
+        quorum=max(1, sites - 1),
+        min_sites=sites,
+        round_deadline_s=120.0,
+        seed=seed,
+        **privacy,
     )
+    if plan.dp is not None:
+        _say(
+            f"differential privacy: each site clips its update to norm {plan.dp.clip_norm:g} "
+            f"and adds Gaussian noise (std {plan.dp.noise_std:g}); the run costs each site at "
+            f"most epsilon {plan.epsilon:.6g} at delta {plan.dp.delta:g}"
+        )
     test = load_labelled_folder(
         manifest.test_dicom_dir, manifest.test_labels_csv, input_size=plan.input_size
     )
@@ -117,6 +150,11 @@ def run_demo(*, sites: int, rounds: int, out: Path, seed: int = 0, timeout_s: fl
         shift = scanner_shift(fed.store.site_summaries())
         _say(f"scanner shift between sites (from their shared counts): {shift.level}")
         exported = export_run(fed, run_id, out / "bundle")
+        names = {site.site_id: site.name for site in fed.store.sites()}
+        received = {name: 0 for name in names.values()}
+        for rnd in range(1, plan.rounds + 1):
+            for update in fed.store.updates(run_id, rnd):
+                received[names[update.site_id]] += 1
     finally:
         lf.stop()
         fed.close()
@@ -150,11 +188,23 @@ def run_demo(*, sites: int, rounds: int, out: Path, seed: int = 0, timeout_s: fl
         f"  verified offline: {checked.entries} log entries under {checked.heads} signed tree "
         f"heads, {checked.updates} signed updates, root {checked.head.root[:16]}..."
     )
+    privacy_result = ""
+    if plan.dp is not None:
+        # One Gaussian mechanism per noised update a site sent. The coordinator counts those
+        # it accepted; a site also charges a round whose update arrived late, so its own
+        # record (the site's budget) can only be higher, up to the plan's figure.
+        _say(f"privacy spent (client-level DP at delta {plan.dp.delta:g}):")
+        for name, n in received.items():
+            eps = run_epsilon(plan.dp, n) if n else 0.0
+            _say(f"  {name}: epsilon {eps:.6g} over the {n} update(s) the coordinator accepted")
+        _say(f"  at most epsilon {plan.epsilon:.6g} per site over all {plan.rounds} rounds")
+        privacy_result = f" epsilon={plan.epsilon:.6g} delta={plan.dp.delta:g}"
     seconds = time.monotonic() - t0
     _say("")
     _say(
         f"RESULT federated_auc={federated:.4f} best_local_auc={max(local_aucs):.4f} "
         f"pooled_auc={pooled:.4f} rounds={rounds} sites={sites} seconds={seconds:.1f}"
+        + privacy_result
     )
     return 0
 

@@ -9,6 +9,8 @@ offline (:mod:`shared.provenance.bundle`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from coordinator.federation import Federation
 from shared.crypto.signing import verify
 from shared.errors import GovernanceError, SignatureError
@@ -175,7 +177,7 @@ def record_dispute(fed: Federation, site_id: str, msg: Dispute, now: float) -> b
     """Record a site's signed dispute (once; a resend after a reconnect changes nothing)."""
     if fed.store.run(msg.run_id) is None:
         raise GovernanceError(f"unknown run {msg.run_id}", code="governance.unknown_run")
-    body = {
+    body: dict[str, Any] = {
         "dispute_id": msg.dispute_id,
         "subject": msg.subject,
         "run_id": msg.run_id,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.governance.contributions import contributions
+from shared.privacy.client_dp import protections
 from shared.provenance.bundle import Bundle
 from shared.provenance.log import LogEntry
 
@@ -156,23 +157,12 @@ def validation_summary(
 
 
 def _privacy(plan_dict: dict[str, Any]) -> str:
-    secure = plan_dict.get("secure_aggregation")
-    dp = plan_dict.get("dp") or plan_dict.get("differential_privacy")
     lines = [
         "Images and patient identifiers never left any site: only model updates (weights) "
         "and counts were sent.",
         "Every update travelled over TLS pinned to the coordinator's certificate and was "
         "signed by the site that made it.",
-        (
-            "Secure aggregation: the coordinator saw only the sum of the sites' updates."
-            if secure
-            else "No secure aggregation: the coordinator saw each site's individual update."
-        ),
-        (
-            f"Differential privacy: {_e(dp)}."
-            if dp
-            else "No differential privacy: no privacy budget (epsilon) was spent or claimed."
-        ),
+        *(_e(line) for line in protections(plan_dict)),
     ]
     if plan_dict.get("max_update_norm"):
         lines.append(f"Updates larger than norm {plan_dict['max_update_norm']} were refused.")

@@ -15,6 +15,13 @@ round's phases (model encode, aggregate, persist, commit) are timed with a monot
 appended to ``timings.jsonl`` in the data directory when the round is committed
 (``shared.phases``). The round path does not poll; the supervisor's timer only picks up runs
 started from the admin CLI (another process) and fires deadlines.
+
+Peers are limited before they cost anything (``coordinator.limits``, whose verdicts this
+adapter carries out): a connection must fit the budget of unidentified connections and
+identify within its deadline, with frames of at most 64 KiB until it does; every connection's
+messages are metered (a fast sender is slowed, a flood disconnected); failed enrolments and
+sign-ins are throttled per address; and update uploads take a slot each, queued in turn when
+too many arrive at once (the site simply waits for its ``TransferAccept``).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from coordinator.engine import (
     RoundEngine,
 )
 from coordinator.federation import Federation
+from coordinator.limits import MessageRate, PeerLimits
 from coordinator.store import RunRecord, UpdateRecord
 from shared.aggregation import (
     ServerOptConfig,
@@ -61,7 +69,7 @@ from shared.identity.invitation import token_digest
 from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
 from shared.protocol import signed
-from shared.protocol.codec import DEFAULT_LIMITS, Limits
+from shared.protocol.codec import DEFAULT_LIMITS, Limits, encode
 from shared.protocol.messages import (
     Authenticate,
     CharterSignature,
@@ -110,6 +118,10 @@ class Connection:
     session: CoordinatorSession
     site_id: str | None = None
     uploads: dict[str, Upload] = field(default_factory=dict)
+    peer: str = ""  # the peer's address: failed sign-ins and waiting connections count per peer
+    meter: MessageRate | None = None
+    # Offers waiting for an upload slot, by transfer id (``UploadSlots``).
+    queued: dict[str, UpdateOffer] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +143,7 @@ class CoordinatorServer:
         clock: Callable[[], float] = time.time,
         admin_poll_s: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
+        peer_limits: PeerLimits = PeerLimits(),
     ) -> None:
         self.fed = fed
         self.limits = limits
@@ -141,6 +154,11 @@ class CoordinatorServer:
         self.public_key = fed.public_key()
         self.fingerprint = fed.fingerprint()
         self.connections: dict[str, Connection] = {}
+        self.peer_limits = peer_limits
+        self.identity_guard = peer_limits.identity_guard(clock())
+        self.pending = peer_limits.connection_budget()  # keyed by websocket
+        self.upload_slots = peer_limits.upload_slots()
+        self._conns: dict[ServerConnection, Connection] = {}  # every open connection
         self.run: RunRecord | None = None
         self.plan: TrainingPlan | None = None
         self.plan_signature = ""
@@ -173,6 +191,9 @@ class CoordinatorServer:
             max_size=self.limits.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
+            # A peer that does not answer our close (a kicked flooder, a dead link) is dropped
+            # after 2 s rather than the default 10 s, which would hold its socket meanwhile.
+            close_timeout=2,
             # permessage-deflate stays available to clients that ask (bounded by max_size as
             # it inflates); Tessera sites do not ask: float weights barely compress, and
             # zlib over a 20 MB model costs seconds per round (participant.py).
@@ -197,13 +218,32 @@ class CoordinatorServer:
             now = self.clock()
             if self.engine is not None:
                 self._apply(self.engine.tick(now))
+            self._close_overdue(now)
             timeout = self.admin_poll_s
-            deadline = self.engine.next_deadline() if self.engine else None
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - now))
+            deadlines = [self.engine.next_deadline() if self.engine else None]
+            deadlines.append(self.pending.next_deadline())
+            for deadline in deadlines:
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _close_overdue(self, now: float) -> None:
+        """Close the connections that did not identify in time (slow or idle peers holding
+        sockets). They leave the budget at once, so the supervisor does not wake for them
+        again while their closing handshake runs."""
+        for ws in self.pending.overdue(now):
+            self.pending.closed(ws)
+            conn = self._conns.get(ws)  # type: ignore[call-overload]
+            if conn is None:
+                continue
+            log.info("closing a connection from %s that did not identify in time", conn.peer)
+            conn.session.close(
+                "net.identify_timeout",
+                f"no enrolment or sign-in within {self.pending.identify_within_s:g} s",
+            )
+            self._spawn(self._flush_and_close(conn))
 
     def _load_run(self) -> None:
         run = self.fed.store.active_run()
@@ -467,14 +507,41 @@ class CoordinatorServer:
     # -- connections ---------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        peer = str(ws.remote_address[0]) if ws.remote_address else "?"
+        now = self.clock()
+        admitted = self.pending.admit(ws, peer, now)
+        if not admitted.allowed:
+            log.warning("connection from %s refused: %s", peer, admitted.code)
+            ws.close_timeout = 1
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(
+                    encode(ErrorMessage(code=admitted.code, message=admitted.reason, fatal=True))
+                )
+            await ws.close()
+            return
+        # Until it identifies, a peer may send only small messages (Enrol, Authenticate).
+        ws.protocol.max_message_size = self.peer_limits.max_frame_before_identity
         nonce = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii").rstrip("=")
         session = CoordinatorSession(
             nonce=nonce, federation=self.fed.config.federation, limits=self.limits
         )
-        conn = Connection(ws, session)
+        conn = Connection(ws, session, peer=peer, meter=self.peer_limits.message_meter(now))
+        self._conns[ws] = conn
+        self._wake.set()  # the supervisor takes this connection's deadline into account
+        meter = conn.meter
+        assert meter is not None
         try:
             await self._flush(conn)
             async for frame in ws:
+                verdict = meter.admit(self.clock())
+                if not verdict.allowed:
+                    log.warning("disconnecting %s (%s): %s", conn.site_id, peer, verdict.code)
+                    session.close(verdict.code, verdict.reason)
+                    ws.close_timeout = 1
+                    await self._flush(conn)
+                    break
+                if verdict.wait_s > 0:  # back-pressure: TCP slows the sender meanwhile
+                    await asyncio.sleep(verdict.wait_s)
                 session.receive_frame(frame)
                 for event in session.events_received():
                     await self._on_event(conn, event)
@@ -484,12 +551,20 @@ class CoordinatorServer:
         except ConnectionClosed:
             pass
         finally:
+            self.pending.closed(ws)
+            self._conns.pop(ws, None)
             for upload in conn.uploads.values():
                 upload.fh.close()
-            if conn.site_id is not None and self.connections.get(conn.site_id) is conn:
-                del self.connections[conn.site_id]
+            site_id = conn.site_id
+            if site_id is not None and self.connections.get(site_id) in (None, conn):
+                # This site's uploads and queued offers end with it (unless a newer
+                # connection of the site has taken them over).
+                for transfer_id in [*conn.uploads, *conn.queued]:
+                    self._release_upload(site_id, transfer_id)
+            if site_id is not None and self.connections.get(site_id) is conn:
+                del self.connections[site_id]
                 if self.engine is not None:
-                    self._apply(self.engine.site_offline(conn.site_id, self.clock()))
+                    self._apply(self.engine.site_offline(site_id, self.clock()))
             await ws.close()
 
     async def _flush(self, conn: Connection) -> None:
@@ -511,12 +586,16 @@ class CoordinatorServer:
         elif isinstance(event, TransferComplete):
             upload = conn.uploads.pop(event.offer.transfer_id, None)
             if upload is not None:
-                await self._finish_upload(conn, upload)
+                try:
+                    await self._finish_upload(conn, upload)
+                finally:
+                    self._release_upload(conn.site_id or "", event.offer.transfer_id)
         elif isinstance(event, TransferFailed):
             upload = conn.uploads.pop(event.transfer_id, None)
             if upload is not None:
                 upload.fh.close()
                 upload.path.unlink(missing_ok=True)
+                self._release_upload(conn.site_id or "", event.transfer_id)
                 self._reject(conn, upload.offer, event.code, event.reason)
         elif isinstance(event, PeerViolation):
             log.warning(
@@ -527,10 +606,15 @@ class CoordinatorServer:
 
     async def _on_message(self, conn: Connection, msg: Any) -> None:
         now = self.clock()
-        if isinstance(msg, Enrol):
-            self._enrol(conn, msg, now)
-        elif isinstance(msg, Authenticate):
-            self._authenticate(conn, msg, now)
+        if isinstance(msg, Enrol | Authenticate):
+            verdict = self.identity_guard.check(conn.peer, now)
+            if not verdict.allowed:
+                log.warning("identity attempt from %s throttled", conn.peer)
+                conn.session.reject(verdict.code, verdict.reason)
+            elif isinstance(msg, Enrol):
+                self._enrol(conn, msg, now)
+            else:
+                self._authenticate(conn, msg, now)
         elif isinstance(msg, TransferAccept):
             model = next(
                 (
@@ -620,6 +704,7 @@ class CoordinatorServer:
             site = self.fed.store.redeem_invitation(token_digest(msg.token), msg.public_key, now)
         except TesseraError as exc:
             log.warning("enrolment refused: %s (%s)", exc, exc.code)
+            self.identity_guard.failed(conn.peer, now)
             conn.session.reject(exc.code, exc.message)
             return
         self._welcome(conn, site.site_id, site.name, now)
@@ -627,6 +712,7 @@ class CoordinatorServer:
     def _authenticate(self, conn: Connection, msg: Authenticate, now: float) -> None:
         site = self.fed.store.site(msg.site_id)
         if site is None:
+            self.identity_guard.failed(conn.peer, now)
             conn.session.reject(
                 "identity.unknown_site",
                 "This site is not enrolled in the federation. Enrol again with a new "
@@ -644,6 +730,7 @@ class CoordinatorServer:
             )
         except TesseraError as exc:
             log.warning("authentication of %s failed: %s", msg.site_id, exc)
+            self.identity_guard.failed(conn.peer, now)
             conn.session.reject(exc.code, "authentication failed: the signature does not verify")
             return
         self._welcome(conn, site.site_id, site.name, now)
@@ -655,6 +742,8 @@ class CoordinatorServer:
             self._spawn(self._flush_and_close(old))
         conn.site_id = site_id
         self.connections[site_id] = conn
+        self.pending.identified(conn.ws)
+        conn.ws.protocol.max_message_size = self.limits.max_frame_bytes
         conn.session.accept_identity(
             site_id=site_id,
             site_name=name,
@@ -698,6 +787,7 @@ class CoordinatorServer:
             self._site_ready(site_id, now)
 
     async def _flush_and_close(self, conn: Connection) -> None:
+        conn.ws.close_timeout = 1  # a peer that stopped reading must not hold the socket
         await self._flush(conn)
         await conn.ws.close()
 
@@ -761,6 +851,25 @@ class CoordinatorServer:
                 f"update of {offer.size} bytes is larger than the model allows",
             )
             return
+        verdict = self.upload_slots.request(site_id, offer.transfer_id)
+        if verdict.code == "update.queued":
+            # Say nothing: the site waits for its TransferAccept, sent when a slot frees.
+            log.info(
+                "update from %s queued: %d uploads in progress", site_id, self.upload_slots.active
+            )
+            conn.queued[offer.transfer_id] = msg
+            return
+        if not verdict.allowed:
+            # No ``ref``: the update itself is fine (an error answering ``update_offer``
+            # would make the site delete it).
+            conn.session.send(ErrorMessage(code=verdict.code, message=verdict.reason))
+            return
+        self._start_upload(conn, msg)
+
+    def _start_upload(self, conn: Connection, msg: UpdateOffer) -> None:
+        """Open (or reopen, to resume) the partial file of an offer holding a slot and
+        accept it from the first chunk not yet on disk."""
+        site_id, offer = conn.site_id or "", msg.update_offer
         previous = conn.uploads.pop(offer.transfer_id, None)
         if previous is not None:  # the site restarted this upload on the same connection
             previous.fh.close()
@@ -770,12 +879,32 @@ class CoordinatorServer:
         try:
             next_index = conn.session.expect_transfer(offer, have)
         except TesseraError:
+            self._release_upload(site_id, offer.transfer_id)
             return
         keep = min(len(have), next_index * offer.chunk_size)
         fh = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (held across events)
         fh.truncate(keep)
         fh.seek(keep)
         conn.uploads[offer.transfer_id] = Upload(msg, path, fh)
+
+    def _release_upload(self, site_id: str, transfer_id: str) -> None:
+        """Give an upload's slot back and start the queued offers it makes room for (those
+        of sites gone meanwhile, or for a round that has closed, give theirs back too)."""
+        granted = self.upload_slots.release(site_id, transfer_id)
+        while granted:
+            site, tid = granted.pop(0)
+            conn = self.connections.get(site)
+            msg = conn.queued.pop(tid, None) if conn is not None else None
+            if conn is None or msg is None:
+                granted += self.upload_slots.release(site, tid)
+                continue
+            run = self.run
+            if run is None or msg.run_id != run.run_id or msg.round != run.current_round:
+                granted += self.upload_slots.release(site, tid)
+                self._refuse(conn, msg, "update.stale", "the round closed while this waited")
+            else:
+                self._start_upload(conn, msg)
+            self._spawn(self._flush(conn))
 
     async def _finish_upload(self, conn: Connection, upload: Upload) -> None:
         assert self.run is not None and self.plan is not None and self.engine is not None

@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 from shared.aggregation import AGGREGATIONS, make_strategy, validate_strategy
 from shared.canonical import canonical_json, sha256_hex
-from shared.errors import PlanError
+from shared.errors import PlanError, PrivacyParameterError
 from shared.models.registry import get_architecture, resolve_hyperparameters
+from shared.privacy.client_dp import ClientDP, run_epsilon
 from shared.types import PlanHash
 
 PreprocessValue = str | int | float | bool | None
@@ -108,7 +109,16 @@ class TrainingPlan:
     ``max_update_norm`` bounds an update's L2 norm; larger updates are rejected.
     ``architecture_params`` sets the architecture's integer settings declared in the registry
     (e.g. ``{"width": 4873}`` for ``mlp``); omitted ones take the registry's defaults, which
-    are written into the plan so that equal models have equal plan hashes."""
+    are written into the plan so that equal models have equal plan hashes.
+
+    ``dp`` turns on client-level differential privacy (``shared.privacy.client_dp``, DP-FedAvg
+    of McMahan et al. 2018): ``{"clip_norm": C, "noise_multiplier": z, "delta": d}``; each
+    site clips its update to L2 norm C and adds Gaussian noise of standard deviation z*C to
+    it (its full share: without secure aggregation the coordinator sees each update), and the
+    run costs each site the epsilon of ``rounds`` Gaussian mechanisms at sample rate 1. It
+    needs equal weighting and no ``max_update_norm`` (the reasons are in the refusals).
+    ``secure_aggregation`` is refused in this version. Both are left out of the canonical
+    JSON at their defaults (null, false), so plans written before them keep their hashes."""
 
     name: str
     task: Literal["binary_classification"] = "binary_classification"
@@ -135,6 +145,8 @@ class TrainingPlan:
     aggregation_params: Mapping[str, PreprocessValue] = field(default_factory=FrozenMap)
     weighting: Literal["samples", "uniform"] = "samples"
     max_update_norm: float | None = None
+    dp: ClientDP | None = None
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -190,16 +202,32 @@ class TrainingPlan:
         strategy = make_strategy(
             self.aggregation, dict(self.aggregation_params), weighting=self.weighting
         )
-        # Secure aggregation and compression are not plan fields yet.
+        if not isinstance(self.secure_aggregation, bool):
+            raise _invalid("secure_aggregation", "true or false", self.secure_aggregation)
+        # Compression is not a plan field yet. The strategy's reasons come first: they say
+        # why a combination can never work, which is more use than "not available yet".
         validate_strategy(
-            strategy, secure_aggregation=False, compression=None, min_updates=self.quorum
+            strategy,
+            secure_aggregation=self.secure_aggregation,
+            compression=None,
+            min_updates=self.quorum,
         )
+        if self.secure_aggregation:
+            raise PlanError(
+                "Secure aggregation is not available in this version yet: the coordinator "
+                "would see each site's update. Set secure_aggregation to false.",
+                code="plan.invalid",
+                field="secure_aggregation",
+            )
         if self.max_update_norm is not None:
             allowed = "null or a finite number > 0"
             norm = _float("max_update_norm", self.max_update_norm, allowed)
             if norm <= 0:
                 raise _invalid("max_update_norm", allowed, self.max_update_norm)
             put("max_update_norm", norm)
+        if self.dp is not None:
+            put("dp", _client_dp(self.dp))
+            self._check_dp()
         # Last: the registry's error lists what this installation can build.
         spec = get_architecture(self.architecture, self.architecture_version)
         params = _frozen_map("architecture_params", self.architecture_params)
@@ -207,6 +235,32 @@ class TrainingPlan:
             "architecture_params",
             FrozenMap(resolve_hyperparameters(spec, params, input_size=self.input_size)),
         )
+
+    def _check_dp(self) -> None:
+        """Refuse what client-level DP cannot be combined with, saying why."""
+        if self.weighting != "uniform":
+            raise PlanError(
+                'Differential privacy needs equal weighting (weighting: "uniform"): weighting '
+                "by sample count uses each hospital's number of images, which the noise does "
+                "not protect, and would let a large hospital's update outweigh its noise once "
+                'updates are summed securely. Set weighting to "uniform".',
+                code="plan.invalid",
+                field="weighting",
+            )
+        if self.max_update_norm is not None:
+            raise PlanError(
+                "max_update_norm cannot be combined with differential privacy: dp.clip_norm "
+                "already bounds each site's update, and the coordinator would measure the "
+                "noise too (about noise_multiplier x clip_norm x the square root of the "
+                "number of parameters) and refuse honest updates. Set max_update_norm to null.",
+                code="plan.invalid",
+                field="max_update_norm",
+            )
+
+    @property
+    def epsilon(self) -> float | None:
+        """The epsilon the whole run costs each site (at ``dp.delta``); ``None`` without DP."""
+        return None if self.dp is None else run_epsilon(self.dp, self.rounds)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
@@ -238,11 +292,19 @@ class TrainingPlan:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict with every field, defaults resolved."""
+        """Plain JSON-ready dict with every field, defaults resolved (``dp`` and
+        ``secure_aggregation`` only when set)."""
         result = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         result["preprocessing"] = dict(self.preprocessing)
         result["architecture_params"] = dict(self.architecture_params)
         result["aggregation_params"] = dict(self.aggregation_params)
+        # Left out at their defaults so that plans written before them keep their hashes.
+        if self.dp is None:
+            del result["dp"]
+        else:
+            result["dp"] = self.dp.to_dict()
+        if not self.secure_aggregation:
+            del result["secure_aggregation"]
         return result
 
     def canonical_json(self) -> bytes:
@@ -266,6 +328,19 @@ def _frozen_map(name: str, value: Any) -> FrozenMap:
         if item is not None and not isinstance(item, str | int | float | bool):
             raise _invalid(name, allowed, value)
     return value if isinstance(value, FrozenMap) else FrozenMap(value)
+
+
+def _client_dp(value: Any) -> ClientDP:
+    if isinstance(value, ClientDP):
+        return value
+    try:
+        return ClientDP.from_dict(value)
+    except PrivacyParameterError as exc:
+        raise PlanError(
+            f"Plan field 'dp' is invalid: {exc.message} Correct it in the plan.",
+            code="plan.invalid",
+            field="dp",
+        ) from exc
 
 
 def _reject_constant(token: str) -> Any:

@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         help="stop when the coordinator says the run is finished",
     )
     run.add_argument(
+        "--proxy",
+        metavar="URL",
+        default=None,
+        help="HTTP(S) proxy to reach the coordinator through, e.g. http://proxy.hospital:3128 "
+        "(default: the HTTPS_PROXY environment variable, if set)",
+    )
+    run.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -279,6 +286,7 @@ def _run(args: argparse.Namespace, site_dir: SiteDir) -> int:
         share_summary=args.share_summary,
         threads=args.threads or _policy_threads(site_dir),
         standing=_standing(args),
+        proxy=args.proxy,
     )
 
     async def main() -> None:

@@ -325,12 +325,21 @@ def connect_pinned_sync(
 
 @contextlib.asynccontextmanager
 async def connect_pinned(
-    uri: str, fingerprint: str, **kwargs: Any
+    uri: str, fingerprint: str, *, proxy: str | None = None, **kwargs: Any
 ) -> AsyncIterator[AsyncClientConnection]:
-    """Asyncio twin of :func:`connect_pinned_sync`: ``async with connect_pinned(...) as conn:``."""
+    """Asyncio twin of :func:`connect_pinned_sync`: ``async with connect_pinned(...) as conn:``.
+
+    ``proxy``: an HTTP(S) proxy's URL (``http://host:3128``), for sites whose only way out
+    is a proxy. The connection is tunnelled with ``CONNECT`` (RFC 9110, section 9.3.6), so
+    TLS still runs end to end with the coordinator and the pin is checked as without one.
+    Without ``proxy``, websockets' default applies: ``https_proxy`` / ``HTTPS_PROXY`` for
+    ``wss://`` (``http_proxy`` for ``ws://``), except for hosts in ``no_proxy``.
+    """
     from websockets.asyncio.client import connect
 
     normalize_fingerprint(fingerprint)
+    if proxy is not None:
+        kwargs["proxy"] = proxy
     async with connect(uri, ssl=pinned_client_ssl_context(), **kwargs) as conn:
         try:
             check_pin(ssl_object_of(conn), fingerprint)

@@ -6,7 +6,10 @@ What the site must do on the wire, decided from its own record (:mod:`.governanc
   coordinator's signatures), refuse on the site's behalf any plan below the site policy (signed,
   with the policy's reasons, so the consortium lead reads why), and send every acceptance or
   decision a person made here that the coordinator does not hold yet;
-- before training: train only for an approved plan hash, only inside the training hours;
+- before training: train only for an approved plan hash, only inside the training hours, and
+  only if the round keeps the plan's privacy budget at this site within the policy's epsilon
+  cap; each round this site commits to is charged to that budget (``privacy_spent`` notes in
+  the record, one per round, from which the ``PrivacyBudget`` is rebuilt);
 - on a ``HeadUpdate``: accept the new tree head only if it extends the last one this site saw
   (else stop taking part: history was rewritten) and check that each of this site's accepted
   updates is in the log exactly as it sent it;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +30,11 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.crypto.signing import sign
-from shared.errors import GovernanceError, PlanError, TesseraError
+from shared.errors import GovernanceError, PlanError, PrivacyBudgetExceeded, TesseraError
 from shared.governance.policy import plan_refusals
 from shared.plan import TrainingPlan
+from shared.privacy.accountant import PrivacyBudget
+from shared.privacy.client_dp import round_mechanism
 from shared.protocol import signed
 from shared.protocol.messages import (
     Dispute,
@@ -158,8 +164,22 @@ class GovernanceLink:
 
     # -- invitations ---------------------------------------------------------------------
 
-    def refusal(self, plan_hash: str, now: float) -> tuple[str, str] | None:
-        """Why this site must not train for ``plan_hash`` now (code, reason), or ``None``."""
+    def refusal(
+        self,
+        plan_hash: str,
+        now: float,
+        *,
+        run_id: str | None = None,
+        rnd: int | None = None,
+    ) -> tuple[str, str] | None:
+        """Why this site must not train for ``plan_hash`` now (code, reason), or ``None``.
+
+        ``None`` for a plan with differential privacy charges the round to the plan's budget
+        here (the site trains and sends a noised update next). Without ``run_id`` and ``rnd``
+        every call that says yes is charged, which can only overstate what was spent; with
+        them a round already charged is not charged again (an update sent again is the same
+        noised update, no new release).
+        """
         record = self.record.plan(plan_hash)
         if record is None or record.decision == "pending":
             return (
@@ -181,6 +201,54 @@ class GovernanceLink:
                 "governance.outside_hours",
                 f"this site trains only between {policy.training_hours} (its policy)",
             )
+        return self._charge(record.plan, plan_hash, now, run_id, rnd)
+
+    def privacy_budget(self, plan_hash: str) -> PrivacyBudget | None:
+        """The plan's privacy budget at this site: the policy's cap (no cap: infinite) at the
+        plan's delta, and the rounds charged so far. ``None`` for a plan without DP."""
+        record = self.record.plan(plan_hash)
+        if record is None or record.plan.dp is None:
+            return None
+        cap = self.record.policy().max_epsilon
+        spent = [a for a in self._spent() if a["plan_hash"] == plan_hash]
+        return PrivacyBudget(
+            cap=math.inf if cap is None else cap,
+            delta=record.plan.dp.delta,
+            spent_rounds=tuple(round_mechanism(record.plan.dp) for _ in spent),
+        )
+
+    def _spent(self) -> list[dict[str, Any]]:
+        return [a["detail"] for a in self.record.activity() if a["kind"] == "privacy_spent"]
+
+    def _charge(
+        self, plan: TrainingPlan, plan_hash: str, now: float, run_id: str | None, rnd: int | None
+    ) -> tuple[str, str] | None:
+        budget = self.privacy_budget(plan_hash)
+        if budget is None or plan.dp is None:
+            return None
+        if run_id is not None and rnd is not None:
+            for spent in self._spent():
+                if (spent["plan_hash"], spent.get("run_id"), spent.get("round")) == (
+                    plan_hash,
+                    run_id,
+                    rnd,
+                ):
+                    return None  # this round's noised update was already made and counted
+        try:
+            after = budget.charge(round_mechanism(plan.dp))
+        except PrivacyBudgetExceeded as exc:
+            return exc.code, exc.message
+        self.record.note(
+            "privacy_spent",
+            now,
+            plan_hash=plan_hash,
+            run_id=run_id,
+            round=rnd,
+            noise_multiplier=plan.dp.noise_multiplier,
+            sample_rate=1.0,
+            delta=plan.dp.delta,
+            epsilon=after.spent,
+        )
         return None
 
     def threads(self, cpu_count: int) -> int:

@@ -83,13 +83,17 @@ class PlanPrivacy:
 def plan_privacy(plan: TrainingPlan) -> PlanPrivacy:
     """What ``plan`` promises about privacy.
 
-    Plans of this version carry no privacy settings yet (``shared.plan``: "secure aggregation
-    and compression are not plan fields yet"), so every plan reads as "no differential privacy,
-    no secure aggregation". That is the safe reading: a policy that demands either refuses
-    the plan. This is the one place to change when the plan gains those fields.
+    ``epsilon`` is what the whole run costs this site under the plan's client-level
+    differential privacy (``TrainingPlan.epsilon``: the accountant's figure for ``rounds``
+    Gaussian mechanisms at sample rate 1, at ``dp.delta``), ``None`` when the plan adds no
+    noise. The summary, the policy check, the Governance page, ``tessera-site plan show``
+    and the participant's refusals all read it from here.
     """
-    del plan
-    return PlanPrivacy(epsilon=None, delta=None, secure_aggregation=False)
+    return PlanPrivacy(
+        epsilon=plan.epsilon,
+        delta=None if plan.dp is None else plan.dp.delta,
+        secure_aggregation=plan.secure_aggregation,
+    )
 
 
 @dataclass(frozen=True, slots=True)

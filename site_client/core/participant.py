@@ -14,6 +14,11 @@ Nothing here polls: every step is triggered by a frame from the coordinator or b
 the step before. Each round's phases (download, verify, train, encode update, upload) are
 timed with a monotonic clock and appended to ``timings.jsonl`` in the site's data directory
 when the update is accepted (``shared.phases``).
+
+A view follows along through ``on_phase``: one :class:`PhaseEvent` per step (connecting,
+connected, disconnected, downloading, training, uploading, accepted, validating, validated,
+declined, finished), called on the participant's event loop; ``on_status`` strings are for
+people and logs, not to be parsed.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +114,18 @@ class LocalData:
 
 
 @dataclass(frozen=True, slots=True)
+class PhaseEvent:
+    """One step of taking part, for a view: ``phase`` names it; ``detail`` holds its figures
+    (``rounds`` when downloading, ``train_loss`` and ``num_samples`` when uploading,
+    ``metrics`` when validated, ``reason`` when disconnected or declined)."""
+
+    phase: str
+    run_id: str = ""
+    round: int = 0
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Backoff:
     """Jittered exponential backoff ("full jitter"): spreads reconnects of many sites."""
 
@@ -147,6 +164,8 @@ class Participant:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         standing: StandingApprovals | None = None,
+        on_phase: Callable[[PhaseEvent], None] | None = None,
+        proxy: str | None = None,
     ) -> None:
         self.dir = site_dir
         site_dir.ensure()
@@ -167,9 +186,11 @@ class Participant:
         self.exit_when_done = exit_when_done
         self.share_summary = share_summary  # the site's choice; off unless it opts in
         self.limits = limits
+        self.proxy = proxy  # HTTP(S) proxy URL; None: the environment's HTTPS_PROXY, if any
         self.backoff = backoff or Backoff()
         self.trainer = Trainer(site_dir.jobs, threads=threads, on_progress=on_progress)
         self.on_status = on_status or (lambda s: log.info("%s", s))
+        self._on_phase = on_phase
         self.rng = rng or random.Random()
         self.clock = clock  # monotonic: phase timings only
         self.rounds_done: list[tuple[str, int]] = []
@@ -186,6 +207,10 @@ class Participant:
         self._validating: asyncio.Future[None] | None = None
         self._training_key: tuple[str, int] | None = None
         self._finished: RunFinished | None = None
+
+    def _phase(self, phase: str, run_id: str = "", rnd: int = 0, **detail: Any) -> None:
+        if self._on_phase is not None:
+            self._on_phase(PhaseEvent(phase, run_id, rnd, detail))
 
     # -- connection loop -----------------------------------------------------------------
 
@@ -205,17 +230,22 @@ class Participant:
     async def _run(self, max_attempts: int | None) -> RunFinished | None:
         attempt = 0
         while True:
+            self._phase("connecting")
             try:
                 await self._connect_once()
                 attempt = 0
+                self._phase("disconnected", reason="the coordinator closed the connection")
             except RunOver:
+                self._phase("disconnected", reason="the run is finished")
                 return self._finished
             except ConnectionFailed as exc:
                 if exc.code in FATAL_CODES:
                     raise
                 self.on_status(f"coordinator unreachable: {exc}")
+                self._phase("disconnected", reason=str(exc))
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
                 self.on_status(f"connection lost: {exc!r}")
+                self._phase("disconnected", reason=f"connection lost: {exc}")
             attempt += 1
             if max_attempts is not None and attempt >= max_attempts:
                 raise ConnectionFailed(
@@ -229,6 +259,7 @@ class Participant:
         async with connect_pinned(
             self.config.coordinator_url,
             self.config.fingerprint,
+            proxy=self.proxy,
             open_timeout=15,
             max_size=self.limits.max_frame_bytes,
             ping_interval=20,
@@ -316,6 +347,7 @@ class Participant:
             )
         elif isinstance(msg, Welcome):
             self.on_status(f"connected to {msg.federation} as {msg.site_name}")
+            self._phase("connected", federation=msg.federation, site_name=msg.site_name)
             session.send(self.governance.head_request())
             if self.share_summary:
                 self._share_summary()
@@ -337,6 +369,7 @@ class Participant:
         elif isinstance(msg, RunFinished):
             self._finished = msg
             self.on_status(f"run {msg.run_id} finished after {msg.rounds} rounds")
+            self._phase("finished", msg.run_id, msg.rounds)
             session.send(self.governance.head_request())
             if not self._fetch_final(msg) and self.exit_when_done:
                 session.close("site.done", "the run is finished")
@@ -395,6 +428,7 @@ class Participant:
     def _decline(self, msg: RoundInvite, code: str, reason: str) -> None:
         assert self._session is not None
         self.on_status(f"declining round {msg.round}: {reason}")
+        self._phase("declined", msg.run_id, msg.round, reason=reason)
         self._session.send(
             RoundDecline(run_id=msg.run_id, round=msg.round, code=code, reason=reason)
         )
@@ -407,7 +441,9 @@ class Participant:
         except TesseraError as exc:
             self._decline(msg, exc.code, f"invitation refused: {exc}")
             return
-        refusal = self.governance.refusal(msg.plan_hash, time.time())
+        refusal = self.governance.refusal(
+            msg.plan_hash, time.time(), run_id=msg.run_id, rnd=msg.round
+        )
         if refusal is not None:  # never trains for a plan this site has not approved
             self._decline(msg, *refusal)
             return
@@ -415,6 +451,7 @@ class Participant:
         timer = self._round_clock(msg, started)
         timer.add("verify", self.clock() - started)
         self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
+        self._phase("downloading", msg.run_id, msg.round, rounds=msg.plan.get("rounds"))
         pending = self._load_pending(msg)
         if pending is not None:
             self._offer_update(pending)
@@ -490,6 +527,7 @@ class Participant:
         if self._validating is not None and not self._validating.done():
             await asyncio.shield(self._validating)  # the worker does one job at a time
         self.on_status(f"round {msg.round}: training on local data")
+        self._phase("training", msg.run_id, msg.round)
         name = f"{msg.run_id}-r{msg.round}"
         seed = int(
             hashlib.sha256(
@@ -564,6 +602,14 @@ class Participant:
         if timer is not None:
             timer.add("encode_update", self.clock() - encode_started)
         self.on_status(f"round {msg.round}: sending the update ({len(data)} bytes)")
+        self._phase(
+            "uploading",
+            msg.run_id,
+            msg.round,
+            train_loss=outcome.train_loss,
+            num_samples=outcome.num_samples,
+            bytes=len(data),
+        )
         self._offer_update(pending, data)
         await self._flush()
         if msg.round >= 2:  # the model this round started from is round (r - 1)'s result
@@ -623,6 +669,7 @@ class Participant:
             except OSError as exc:  # a measurement: never worth failing a round for
                 log.warning("cannot write the round's timings: %s", exc)
         self.on_status(f"round {msg.round}: update accepted by the coordinator")
+        self._phase("accepted", msg.run_id, msg.round)
 
     # -- governance, provenance and validation -------------------------------------------
 
@@ -668,6 +715,7 @@ class Participant:
             return
         sha = model_path.stem
         self.on_status(f"validating the global model of round {rnd} on this site's held-out data")
+        self._phase("validating", run_id, rnd)
         try:
             metrics = await self.trainer.validate(
                 f"{run_id}-v{rnd}",
@@ -684,6 +732,7 @@ class Participant:
             self.on_status(f"validation of round {rnd} failed: {exc}")
             return
         report = self.governance.validation_report(run_id, rnd, sha, metrics, time.time())
+        self._phase("validated", run_id, rnd, metrics=report.metrics)
         auc = metrics.get("auc")
         self.on_status(
             f"round {rnd}: global model on this site's held-out data: AUC "

@@ -24,9 +24,10 @@ A job reads the global model with safetensors (never pickle or ``torch.load``) a
 its SHA-256 against the digest the coordinator signed, prepares the local images once into a
 tensor cache (from the site's study index when the job names one, else from a DICOM folder and
 labels CSV), trains with the shared loop and writes the update (new weights minus global
-weights) with its SHA-256, so the site signs it without reading it again. ``timings`` holds
-the job's phases in seconds (``verify``, ``train``, ``encode``) and the processor time it used
-(``cpu``) for the site's round record.
+weights; clipped and noised first when the plan asks for differential privacy, its norms in
+the result's ``dp``) with its SHA-256, so the site signs it without reading it again.
+``timings`` holds the job's phases in seconds (``verify``, ``train``, ``encode``) and the
+processor time it used (``cpu``) for the site's round record.
 """
 
 from __future__ import annotations
@@ -304,9 +305,11 @@ def run_job(
             np.subtract(after, array, out=array)
         else:
             base[name] = np.subtract(after, array, dtype=np.float32)
+    dp = _privatise(base, plan, job.get("dp_seed"))
     digest, size = write_update(Path(job["update_path"]), base)
     encode_s = clock() - encode_started
     return {
+        **({"dp": dp} if dp is not None else {}),
         "num_samples": result.num_samples,
         "train_loss": result.mean_loss,
         "steps": result.steps,
@@ -318,6 +321,25 @@ def run_job(
             "encode": encode_s,
             "cpu": time.process_time() - cpu_started,
         },
+    }
+
+
+def _privatise(update: dict[str, np.ndarray], plan: Any, seed: Any) -> dict[str, float] | None:
+    """Client-level DP (``shared.privacy.client_dp``) when the plan asks for it: clip the
+    update to ``dp.clip_norm`` and add the site's full share of Gaussian noise, in place, before
+    anything is hashed or written, so no unprotected copy leaves this process. The noise comes
+    from a generator seeded by ``os.urandom``; ``seed`` (the job's ``dp_seed``) fixes it for
+    tests only. Returns the norms for the site's round record (they stay at the site)."""
+    if plan.dp is None:
+        return None
+    from shared.privacy.client_dp import clip_and_noise, secure_rng
+
+    rng = secure_rng() if seed is None else np.random.default_rng(int(seed))
+    report = clip_and_noise(update, plan.dp, rng)
+    return {
+        "norm": report.norm,
+        "clipped_norm": report.clipped_norm,
+        "noise_std": report.noise_std,
     }
 
 

@@ -33,11 +33,12 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
+from coordinator.limits import PeerLimits, Rate
 from coordinator.server import CoordinatorServer
 from shared.crypto.keys import generate_signing_key, load_private_key, public_key_b64
 from shared.crypto.signing import sign
 from shared.crypto.tls import connect_pinned, pinned_client_ssl_context
-from shared.identity.invitation import new_token
+from shared.identity.invitation import decode_invitation, new_token
 from shared.plan import demo_plan
 from shared.protocol import signed
 from shared.protocol.codec import Limits, decode, encode
@@ -69,6 +70,7 @@ pytestmark = pytest.mark.timeout(60)
 TIMEOUT = 5.0
 LIMITS = Limits(max_header_bytes=16 * 1024, max_payload_bytes=256 * 1024, chunk_size=64 * 1024)
 HEX = "ab" * 32
+GUESSER = "127.0.0.2"  # another loopback address (Linux routes all of 127/8 to lo)
 
 
 # --- the coordinator --------------------------------------------------------------------
@@ -76,8 +78,16 @@ HEX = "ab" * 32
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CoordinatorServer]:
+    async with serving(tmp_path) as srv:
+        yield srv
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, peer_limits: PeerLimits = PeerLimits()
+) -> AsyncIterator[CoordinatorServer]:
     fed = Federation.init(tmp_path / "coord", CoordinatorConfig(federation="Fuzz", port=0))
-    srv = CoordinatorServer(fed, limits=LIMITS, admin_poll_s=0.05)
+    srv = CoordinatorServer(fed, limits=LIMITS, admin_poll_s=0.05, peer_limits=peer_limits)
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(srv.serve(ready=ready.set_result))
     try:
@@ -462,24 +472,27 @@ async def test_half_open_connections_do_not_stop_real_sites(
         await assert_still_serves(server, tmp_path, "While half-open")
         assert (await signed_in(server.fed, site_id, key)).site_id == site_id
         assert all(isinstance(c.received[0], Challenge) for c in idle if c.received)
-        assert not any(c.closed.is_set() for c in idle)  # no identity deadline yet: see report
+        assert not any(c.closed.is_set() for c in idle)  # well within the identify deadline
     for sock in sockets:
         sock.close()
     await assert_still_serves(server, tmp_path, "After half-open")
 
 
-async def test_a_crowd_guessing_invitation_tokens_is_refused(
+async def test_a_crowd_guessing_invitation_tokens_is_throttled(
     server: CoordinatorServer, tmp_path: Path
 ) -> None:
-    """60 connections at once, each guessing a token, while a real site enrols."""
+    """60 connections at once from one address (127.0.0.2), each guessing a token, while a
+    real site enrols from another (127.0.0.1): the guesser gets 10 tries (the per-peer
+    burst), then is refused before its tokens are even looked up; the real site is not
+    slowed."""
 
-    async def guess(n: int) -> list[ErrorMessage]:
+    async def guess(n: int, token: str | None = None) -> list[ErrorMessage]:
         key = generate_signing_key()
-        async with hostile(server.fed) as client:
+        async with hostile(server.fed, local_addr=(GUESSER, 0)) as client:
             await until(lambda: bool(client.received))
             challenge = client.received[0]
             assert isinstance(challenge, Challenge)
-            token, public_key = new_token(), public_key_b64(key)
+            token, public_key = token or new_token(), public_key_b64(key)
             fields = signed.enrol_fields(
                 nonce=challenge.nonce,
                 token=token,
@@ -504,7 +517,124 @@ async def test_a_crowd_guessing_invitation_tokens_is_refused(
         *(guess(n) for n in range(60)), assert_still_serves(server, tmp_path, "Real")
     )
 
+    codes = []
     for errors in results[:-1]:
         (error,) = errors
-        assert error.fatal and error.code in {"identity.invitation_unknown", "identity.throttled"}
+        assert error.fatal
+        codes.append(error.code)
+    assert sorted(codes) == ["identity.invitation_unknown"] * 10 + ["identity.throttled"] * 50
+    # Throttled means not looked at: a valid code from the guesser's address is refused
+    # too, and stays unused for the site it was meant for.
+    code = server.fed.invite("Late")
+    (error,) = await guess(99, token=decode_invitation(code).token)
+    assert (error.code, error.fatal) == ("identity.throttled", True)
     assert [s.name for s in server.fed.store.sites()] == ["Real"]
+    late = await enrol(code, SiteDir(tmp_path / "late"), "Late")
+    assert server.fed.store.site(late.site_id) is not None
+
+
+async def test_connections_that_do_not_identify_in_time_are_closed(tmp_path: Path) -> None:
+    """Idle connections are closed at the identify deadline, a site that signed in stays;
+    beyond the per-address budget of waiting connections a new one is refused at once."""
+    limits = PeerLimits(identify_within_s=0.5, max_pending_per_peer=3)
+    async with serving(tmp_path, limits) as server, AsyncExitStack() as stack:
+        config = await enrol(server.fed.invite("Site"), SiteDir(tmp_path / "site"), "Site")
+        key = load_private_key(SiteDir(tmp_path / "site").key_file)
+        idle = [
+            await stack.enter_async_context(hostile(server.fed, local_addr=(GUESSER, 0)))
+            for _ in range(3)
+        ]
+        await until(lambda: all(c.received for c in idle))
+        over = await stack.enter_async_context(hostile(server.fed, local_addr=(GUESSER, 0)))
+        await over.wait_closed()
+        assert [(e.code, e.fatal) for e in over.errors()] == [("net.busy", True)]
+        assert server.pending.pending_from(GUESSER) == 3
+
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        await asyncio.gather(*(c.wait_closed() for c in idle))
+        assert loop.time() - opened < 0.5 + 1.0  # closed at the deadline, not much later
+        for client in idle:
+            assert isinstance(client.received[0], Challenge)
+            (error,) = client.errors()
+            assert (error.code, error.fatal) == ("net.identify_timeout", True)
+        assert server.pending.pending == 0
+        # A site that signs in is no longer on the clock: still connected past the deadline.
+        async with connect_pinned(server.fed.url(), server.fed.fingerprint()) as ws:
+            session = SiteSession()
+            session.receive_frame(await ws.recv())
+            (event,) = session.events_received()
+            assert isinstance(event, MessageReceived)
+            assert isinstance(event.message, Challenge)
+            fields = signed.auth_fields(
+                nonce=event.message.nonce,
+                site_id=config.site_id,
+                fingerprint=server.fed.fingerprint(),
+            )
+            session.authenticate(site_id=config.site_id, signature=sign(key, signed.AUTH, fields))
+            for frame in session.data_to_send():
+                await ws.send(frame)
+            await until(lambda: config.site_id in server.connections)
+            await asyncio.sleep(1.0)
+            assert config.site_id in server.connections
+            assert ws.close_code is None
+
+
+async def test_frames_before_sign_in_are_limited_to_64_kib(
+    server: CoordinatorServer, enrolled: tuple[str, Ed25519PrivateKey]
+) -> None:
+    """A peer that has not identified cannot make the coordinator buffer a large frame; once
+    signed in, frames up to the normal limit are read (this one is merely malformed)."""
+    big = b"\x00" * (96 * 1024)
+    assert len(big) < LIMITS.max_frame_bytes
+    async with hostile(server.fed, max_size=None) as client:
+        await until(lambda: bool(client.received))
+        await client.send(big)
+        await client.wait_closed()
+        assert client.close_code == 1009
+    site_id, key = enrolled
+    async with hostile(server.fed) as client:
+        await until(lambda: bool(client.received))
+        challenge = client.received[0]
+        assert isinstance(challenge, Challenge)
+        fields = signed.auth_fields(
+            nonce=challenge.nonce, site_id=site_id, fingerprint=server.fed.fingerprint()
+        )
+        await client.send(
+            encode(Authenticate(site_id=site_id, signature=sign(key, signed.AUTH, fields)))
+        )
+        await until(lambda: any(isinstance(m, Welcome) for m in client.received))
+        await client.send(big)
+        await until(lambda: bool(client.errors()))
+        assert [e.code for e in client.errors()] == ["protocol.malformed"]
+        assert not client.closed.is_set()
+
+
+async def test_a_fast_sender_is_slowed_not_dropped(tmp_path: Path) -> None:
+    """25 messages at once against 20 per second with a burst of 5: all are answered, the
+    last about a second later (back-pressure), and the connection stays open."""
+    limits = PeerLimits(message_rate=Rate(per_s=20, burst=5))
+    async with serving(tmp_path, limits) as server:
+        config = await enrol(server.fed.invite("Fast"), SiteDir(tmp_path / "fast"), "Fast")
+        key = load_private_key(SiteDir(tmp_path / "fast").key_file)
+        async with hostile(server.fed) as client:
+            await until(lambda: bool(client.received))
+            challenge = client.received[0]
+            assert isinstance(challenge, Challenge)
+            fields = signed.auth_fields(
+                nonce=challenge.nonce, site_id=config.site_id, fingerprint=server.fed.fingerprint()
+            )
+            auth = Authenticate(site_id=config.site_id, signature=sign(key, signed.AUTH, fields))
+            await client.send(encode(auth))
+            await until(lambda: any(isinstance(m, Welcome) for m in client.received))
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for _ in range(25):  # each answered "no such transfer", which is not a strike
+                await client.send(encode(TransferAccept(transfer_id="nope", next_index=0)))
+            await until(lambda: len(client.errors()) == 25)
+            elapsed = loop.time() - started
+            # The auth message took one token: 20 of the 25 wait, 1/20 s each.
+            assert 0.9 <= elapsed < TIMEOUT, elapsed
+            assert {e.code for e in client.errors()} == {"protocol.transfer_index"}
+            assert not client.closed.is_set()
+            assert config.site_id in server.connections

@@ -246,3 +246,108 @@ def test_unworkable_strategy_settings_are_refused_with_the_reason(
         TrainingPlan.from_dict(data)
     assert info.value.code == "plan.invalid"
     assert info.value.fields["field"] == field
+
+
+# -- privacy fields (issue 9) -------------------------------------------------------------
+
+_DP = {"clip_norm": 2.0, "noise_multiplier": 1.1, "delta": 1e-5}
+
+
+def test_privacy_fields_left_out_at_their_defaults_keep_old_hashes() -> None:
+    """A plan written before dp/secure_aggregation existed, and the same plan with them at
+    their defaults, have the hash they always had (the example plan's is pinned here)."""
+    example = load_plan(Path(__file__).parents[2] / "docs" / "examples" / "plan.json")
+    assert example.plan_hash == "dde3b48d95e686184ab3d7f3f8fb99ae15a8ec54348a270ebf60c52cca50ef3a"
+    explicit = TrainingPlan.from_dict(
+        {**example.to_dict(), "dp": None, "secure_aggregation": False}
+    )
+    assert explicit.plan_hash == example.plan_hash
+    assert "dp" not in example.to_dict() and "secure_aggregation" not in example.to_dict()
+    assert example.dp is None and example.epsilon is None
+
+
+def test_dp_is_validated_normalised_hashed_and_round_trips() -> None:
+    plan = demo_plan(
+        weighting="uniform", dp={"clip_norm": 2, "noise_multiplier": 1.1, "delta": 1e-5}
+    )
+    assert plan.dp is not None and plan.dp.clip_norm == 2.0 and isinstance(plan.dp.clip_norm, float)
+    assert plan.to_dict()["dp"] == _DP
+    again = TrainingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.plan_hash == plan.plan_hash
+    plain = demo_plan(weighting="uniform")
+    assert plain.plan_hash != plan.plan_hash
+    noisier = demo_plan(weighting="uniform", dp={**_DP, "noise_multiplier": 1.2})
+    assert noisier.plan_hash != plan.plan_hash
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.dp.clip_norm = 3.0  # type: ignore[misc, union-attr]
+
+
+@pytest.mark.parametrize(
+    ("dp", "match"),
+    [
+        (
+            {"clip_norm": 0, "noise_multiplier": 1.0, "delta": 1e-5},
+            r"dp\.clip_norm must be a finite number > 0",
+        ),
+        ({"clip_norm": 1.0, "noise_multiplier": -1, "delta": 1e-5}, r"dp\.noise_multiplier"),
+        (
+            {"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1.0},
+            r"dp\.delta must be a number strictly between 0 and 1",
+        ),
+        ({"clip_norm": 1.0, "noise_multiplier": True, "delta": 1e-5}, r"dp\.noise_multiplier"),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0}, r"dp must be null or an object"),
+        ({**_DP, "epsilon": 3}, r"dp must be null or an object"),
+        ("on", r"dp must be null or an object"),
+    ],
+)
+def test_invalid_dp_settings_are_refused_with_the_reason(dp: Any, match: str) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(_plan_dict(weighting="uniform", dp=dp))
+    assert info.value.code == "plan.invalid" and info.value.fields["field"] == "dp"
+
+
+def test_dp_needs_uniform_weighting_and_no_norm_bound() -> None:
+    with pytest.raises(PlanError, match=r"equal weighting \(weighting: \"uniform\"\)") as info:
+        TrainingPlan.from_dict(_plan_dict(dp=_DP))  # the demo plan weights by samples
+    assert info.value.fields["field"] == "weighting"
+    with pytest.raises(PlanError, match="max_update_norm cannot be combined with differential"):
+        TrainingPlan.from_dict(_plan_dict(weighting="uniform", dp=_DP, max_update_norm=5.0))
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "params"),
+    [("median", {}), ("trimmed_mean", {"trim_fraction": 0.25}), ("fedprox", {"mu": 0.01})],
+)
+def test_dp_works_with_robust_and_proximal_strategies(aggregation: str, params: dict) -> None:
+    plan = TrainingPlan.from_dict(
+        _plan_dict(
+            weighting="uniform",
+            dp=_DP,
+            aggregation=aggregation,
+            aggregation_params=params,
+            quorum=5,
+            min_sites=5,
+        )
+    )
+    assert plan.dp is not None and plan.aggregation == aggregation
+
+
+def test_secure_aggregation_is_refused_for_now_and_median_with_it_never() -> None:
+    with pytest.raises(PlanError, match="Secure aggregation is not available in this version yet"):
+        TrainingPlan.from_dict(_plan_dict(secure_aggregation=True))
+    with pytest.raises(PlanError, match="cannot be computed under secure aggregation"):
+        TrainingPlan.from_dict(
+            _plan_dict(secure_aggregation=True, aggregation="median", quorum=3, min_sites=3)
+        )
+    with pytest.raises(PlanError, match="'secure_aggregation' must be true or false"):
+        TrainingPlan.from_dict(_plan_dict(secure_aggregation="yes"))
+
+
+def test_plan_epsilon_is_the_accountants_for_rounds_at_full_participation() -> None:
+    from shared.privacy.accountant import get_epsilon
+
+    plan = demo_plan(rounds=7, weighting="uniform", dp=_DP)
+    expected = get_epsilon(noise_multiplier=1.1, sample_rate=1.0, steps=7, delta=1e-5)[0]
+    assert plan.epsilon == pytest.approx(expected, rel=1e-12)
+    assert 5.0 < expected < 20.0  # seven plain Gaussian mechanisms at z = 1.1
+    assert demo_plan(rounds=14, weighting="uniform", dp=_DP).epsilon > plan.epsilon

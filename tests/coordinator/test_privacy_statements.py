@@ -1,0 +1,44 @@
+"""What the operator and the ethics board are told about a run's privacy protections."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.cli import main
+from coordinator.report import _privacy
+from shared.plan import demo_plan
+from shared.privacy.accountant import get_epsilon
+from shared.privacy.client_dp import protections
+
+DP = {"clip_norm": 2.0, "noise_multiplier": 0.9, "delta": 1e-6}
+
+
+def test_a_dp_plan_states_its_mechanism_and_the_accountants_epsilon() -> None:
+    plan = demo_plan(rounds=6, weighting="uniform", dp=DP).to_dict()
+    epsilon = get_epsilon(noise_multiplier=0.9, sample_rate=1.0, steps=6, delta=1e-6)[0]
+    secure, private = protections(plan)
+    assert secure.startswith("No secure aggregation: the coordinator sees each site's")
+    assert "clips its update to L2 norm 2 and adds Gaussian noise of standard deviation 1.8" in (
+        private
+    )
+    assert f"over 6 round(s) a site spends at most epsilon {epsilon:.4g} at delta 1e-06" in private
+    page = _privacy(plan)
+    assert f"epsilon {epsilon:.4g}" in page and "No differential privacy" not in page
+
+
+def test_a_plan_without_dp_claims_no_budget() -> None:
+    lines = protections(demo_plan().to_dict())
+    assert lines[1] == "No differential privacy: no privacy budget (epsilon) is spent or claimed."
+    assert "No differential privacy" in _privacy(demo_plan().to_dict())
+
+
+def test_demo_secure_aggregation_flag_says_not_available_and_exits_2(capsys) -> None:
+    assert main(["demo", "--secure-aggregation", "--dp"]) == 2
+    assert "Secure aggregation is not available in this version yet" in capsys.readouterr().err
+
+
+def test_demo_help_lists_the_privacy_flags(capsys) -> None:
+    with pytest.raises(SystemExit, match="0"):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "--dp" in out and "--secure-aggregation" in out
