@@ -9,13 +9,9 @@ import time
 import pytest
 
 from coordinator import governance
-from coordinator.config import CoordinatorConfig
-from coordinator.federation import Federation
 from coordinator.store import Store, UpdateRecord
-from shared.crypto.keys import generate_signing_key, public_key_b64
 from shared.crypto.signing import sign
 from shared.governance.policy import SitePolicy
-from shared.identity.invitation import decode_invitation, token_digest
 from shared.plan import demo_plan
 from shared.protocol import signed
 from shared.protocol.messages import (
@@ -25,42 +21,12 @@ from shared.protocol.messages import (
     UpdateOffer,
 )
 from shared.provenance.errors import ProvenanceError
-from site_client.core.config import SiteConfig
-from site_client.core.governance import SiteGovernance
-from site_client.core.governance_link import POLICY_PERSON, GovernanceLink
+from site_client.core.governance_link import POLICY_PERSON
 
 CHARTER = (
     "# Terms\n\n## Data use\nx\n## Ownership\nx\n## Validation\nx\n## Contributions\nx\n"
     "## Disputes\nx\n## Publication and authorship\nx\n"
 )
-
-
-@pytest.fixture
-def world(tmp_path):
-    fed = Federation.init(
-        tmp_path / "coord", CoordinatorConfig(federation="Link", host="127.0.0.1"), now=1.0
-    )
-    key = generate_signing_key()
-    token = decode_invitation(fed.invite("East", now=2.0)).token
-    site = fed.store.redeem_invitation(token_digest(token), public_key_b64(key), 3.0)
-    config = SiteConfig(
-        site_id=site.site_id,
-        site_name="East",
-        federation="Link",
-        coordinator_url="wss://127.0.0.1:1",
-        fingerprint="f" * 64,
-        coordinator_key=fed.public_key(),
-        enrolled_at=3.0,
-    )
-    record = SiteGovernance(
-        tmp_path / "gov.db",
-        federation="Link",
-        site_id=site.site_id,
-        coordinator_key=fed.public_key(),
-    )
-    yield fed, site.site_id, GovernanceLink(record, config, key)
-    record.close()
-    fed.close()
 
 
 def _deliver(fed, site_id, messages, now=20.0):

@@ -8,16 +8,9 @@ import time
 import pytest
 
 from coordinator import governance
-from coordinator.config import CoordinatorConfig
-from coordinator.federation import Federation
-from shared.crypto.keys import generate_signing_key, public_key_b64
 from shared.governance.policy import SitePolicy, plan_refusals
-from shared.identity.invitation import decode_invitation, token_digest
 from shared.plan import demo_plan
 from shared.privacy.accountant import get_epsilon
-from site_client.core.config import SiteConfig
-from site_client.core.governance import SiteGovernance
-from site_client.core.governance_link import GovernanceLink
 from site_client.core.governance_view import plan_privacy
 from site_client.core.plan_summary import summarise
 
@@ -26,34 +19,6 @@ DP = {"clip_norm": 1.0, "noise_multiplier": 1.5, "delta": 1e-5}
 
 def _eps(rounds: int) -> float:
     return get_epsilon(noise_multiplier=1.5, sample_rate=1.0, steps=rounds, delta=1e-5)[0]
-
-
-@pytest.fixture
-def world(tmp_path):
-    fed = Federation.init(
-        tmp_path / "coord", CoordinatorConfig(federation="Budget", host="127.0.0.1"), now=1.0
-    )
-    key = generate_signing_key()
-    token = decode_invitation(fed.invite("East", now=2.0)).token
-    site = fed.store.redeem_invitation(token_digest(token), public_key_b64(key), 3.0)
-    config = SiteConfig(
-        site_id=site.site_id,
-        site_name="East",
-        federation="Budget",
-        coordinator_url="wss://127.0.0.1:1",
-        fingerprint="f" * 64,
-        coordinator_key=fed.public_key(),
-        enrolled_at=3.0,
-    )
-    record = SiteGovernance(
-        tmp_path / "gov.db",
-        federation="Budget",
-        site_id=site.site_id,
-        coordinator_key=fed.public_key(),
-    )
-    yield fed, site.site_id, GovernanceLink(record, config, key)
-    record.close()
-    fed.close()
 
 
 def test_plan_privacy_is_the_accountants_epsilon_and_the_summary_and_policy_use_it() -> None:
