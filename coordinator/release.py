@@ -43,15 +43,18 @@ from coordinator.heterogeneity import scanner_shift
 from coordinator.store import RunRecord, Store
 from coordinator.store_governance import CharterRecord
 from shared import releases as layout
-from shared.crypto.signing import sign
-from shared.errors import ReleaseError
+from shared.crypto.signing import sign, verify
+from shared.errors import GovernanceError, ReleaseError, SignatureError
 from shared.governance.contributions import contributions
 from shared.plan import TrainingPlan
 from shared.protocol import signed
+from shared.protocol.messages import ReleaseAcceptance
 from shared.provenance.log import LogEntry, TreeHead
 from shared.tensors import decode_tensors, encode_tensors
 
 TABLE = "releases"
+ACCEPTANCES = "release_acceptances"
+ACCEPTED_KIND = "release_accepted"
 _METRICS = ("auc", "accuracy", "sensitivity", "specificity", "loss", "n")
 
 
@@ -535,3 +538,110 @@ def write_release(files: dict[str, bytes], out: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# --- distribution and acceptance ---------------------------------------------------------
+
+
+def release_pack(fed: Federation, version: str) -> bytes:
+    """Release ``version`` as the one payload the server offers to the sites that may have it
+    (:func:`shared.releases.pack_release` of :func:`release_files`: the same bytes each time)."""
+    return layout.pack_release(release_files(fed, version))
+
+
+def record_acceptance(fed: Federation, site_id: str, msg: ReleaseAcceptance, now: float) -> bool:
+    """Record a site's signed verdict on a release (metrics of its acceptance validation) in
+    the ``release_acceptances`` table and as a site-signed ``release_accepted`` log entry.
+
+    Only a site that may receive the release, for the release's own run and weights file,
+    signed with its enrolled key. A site's later verdict (a person refusing what was accepted
+    automatically) replaces the earlier one and is logged too; the same message again changes
+    nothing (``False``).
+    """
+    row = _row(fed.store, msg.version)
+    if row is None or row["run_id"] != msg.run_id:
+        raise ReleaseError(
+            f"there is no release {msg.version} of run {msg.run_id}", code="release.unknown"
+        )
+    if not may_receive(fed.store, msg.run_id, site_id):
+        raise ReleaseError(
+            f"this site took no part in run {msg.run_id}, so release {msg.version} is not "
+            "for it; nothing was recorded",
+            code="release.not_participant",
+        )
+    manifest = json.loads(row["manifest"])
+    if manifest["release"]["weights_sha256"] != msg.weights_sha256:
+        raise ReleaseError(
+            f"the weights this site checked are not those of release {msg.version}; nothing "
+            "was recorded",
+            code="release.weights_mismatch",
+        )
+    site = fed.store.site(site_id)
+    body: dict[str, Any] = {
+        "version": msg.version,
+        "run_id": msg.run_id,
+        "weights_sha256": msg.weights_sha256,
+        "accepted": msg.accepted,
+        "metrics": dict(msg.metrics),
+        "reason": msg.reason,
+        "person": msg.person,
+    }
+    fields = signed.release_acceptance_fields(
+        federation=fed.config.federation, site_id=site_id, **body
+    )
+    try:
+        if site is None:
+            raise SignatureError("unknown site", code="crypto.bad_signature")
+        verify(site.public_key, signed.RELEASE_ACCEPTANCE, fields, msg.signature)
+    except SignatureError as exc:
+        raise GovernanceError(
+            "the signature does not match this site's key; nothing was recorded",
+            code="governance.bad_signature",
+        ) from exc
+    store = fed.store
+    with store.transaction():
+        table = store.db.table(ACCEPTANCES)
+        table.create(
+            {
+                "version": str,
+                "site_id": str,
+                "run_id": str,
+                "accepted": int,
+                "metrics": str,
+                "reason": str,
+                "person": str,
+                "signature": str,
+                "received_at": float,
+            },
+            pk=("version", "site_id"),
+            if_not_exists=True,
+        )
+        rows = list(table.rows_where("version = ? AND site_id = ?", [msg.version, site_id]))
+        if rows and rows[0]["signature"] == msg.signature:
+            return False
+        table.upsert(
+            {
+                "version": msg.version,
+                "site_id": site_id,
+                "run_id": msg.run_id,
+                "accepted": int(msg.accepted),
+                "metrics": json.dumps(body["metrics"]),
+                "reason": msg.reason,
+                "person": msg.person,
+                "signature": msg.signature,
+                "received_at": now,
+            },
+            pk=("version", "site_id"),
+        )
+        store.log(ACCEPTED_KIND, now, site_id=site_id, **body, signature=msg.signature)
+    return True
+
+
+def acceptances(store: Store) -> list[dict[str, Any]]:
+    """Every site's latest verdict on every release (version, then site)."""
+    if not store.db[ACCEPTANCES].exists():
+        return []
+    return [
+        {**r, "accepted": bool(r["accepted"]), "metrics": json.loads(r["metrics"])}
+        for r in store.db.table(ACCEPTANCES).rows_where(order_by="version, site_id")
+    ]

@@ -22,6 +22,12 @@ identify within its deadline, with frames of at most 64 KiB until it does; every
 messages are metered (a fast sender is slowed, a flood disconnected); failed enrolments and
 sign-ins are throttled per address; and update uploads take a slot each, queued in turn when
 too many arrive at once (the site simply waits for its ``TransferAccept``).
+
+Releases (``tessera-coordinator release``, another process) reach only the sites that took part
+in their run (:func:`coordinator.release.may_receive`): a ``ReleaseNotice`` after ``Welcome``
+and whenever one is published lists each release a site may have with an offer of it packed as
+one payload (built once per release, then kept); a request for a release's transfer from any
+other site is refused. A site's signed ``ReleaseAcceptance`` is checked and logged.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -42,7 +49,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from coordinator import governance
+from coordinator import governance, release
 from coordinator.aggregation import aggregate_round, check_update
 from coordinator.engine import (
     Action,
@@ -80,6 +87,8 @@ from shared.protocol.messages import (
     ErrorMessage,
     HeadRequest,
     PlanDecision,
+    ReleaseAcceptance,
+    ReleaseNotice,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -166,6 +175,9 @@ class CoordinatorServer:
         self.model: RoundModel | None = None
         self._final: RoundModel | None = None  # the finished run's model, offered for validation
         self._governance_seen: tuple[int, str | None] | None = None
+        self._releases_seen: tuple[str, ...] = ()
+        # Packed releases by transfer id: (version, run id, payload and offer).
+        self._release_packs: dict[str, tuple[str, str, RoundModel]] = {}
         self.timings: list[RoundTimings] = []  # this process's rounds, also in timings.jsonl
         self._timer: PhaseClock | None = None
         self._fresh: tuple[str, bytes] | None = None  # the model aggregation just stored
@@ -215,6 +227,7 @@ class CoordinatorServer:
             if self.engine is None or self.engine.finished:
                 self._load_run()
             self._governance_changed()
+            self._releases_changed()
             now = self.clock()
             if self.engine is not None:
                 self._apply(self.engine.tick(now))
@@ -615,6 +628,8 @@ class CoordinatorServer:
                 self._enrol(conn, msg, now)
             else:
                 self._authenticate(conn, msg, now)
+        elif isinstance(msg, TransferAccept) and msg.transfer_id in self._release_packs:
+            await self._serve_release(conn, msg)
         elif isinstance(msg, TransferAccept):
             model = next(
                 (
@@ -658,6 +673,18 @@ class CoordinatorServer:
             and conn.site_id is not None
         ):
             self._on_governance(conn, conn.site_id, msg, now)
+        elif isinstance(msg, ReleaseAcceptance) and conn.site_id is not None:
+            try:
+                if release.record_acceptance(self.fed, conn.site_id, msg, now):
+                    log.info(
+                        "site %s %s release %s",
+                        conn.site_id,
+                        "accepted" if msg.accepted else "refused",
+                        msg.version,
+                    )
+            except TesseraError as exc:
+                log.warning("release acceptance from %s refused: %s", conn.site_id, exc)
+                conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
         elif isinstance(msg, ErrorMessage):
             log.warning("site %s reports %s: %s", conn.site_id, msg.code, msg.message)
 
@@ -752,6 +779,9 @@ class CoordinatorServer:
         )
         log.info("site %s (%s) connected", site_id, name)
         conn.session.send(governance.notice(self.fed, site_id))
+        notice = self._release_notice(site_id)
+        if notice is not None:
+            conn.session.send(notice)
         if self.engine is not None and not self.engine.finished:
             self._site_ready(site_id, now, connected=True)
         else:
@@ -785,6 +815,72 @@ class CoordinatorServer:
             conn.session.send(governance.notice(self.fed, site_id))
             self._spawn(self._flush(conn))
             self._site_ready(site_id, now)
+
+    # -- releases ------------------------------------------------------------------------
+
+    def _release_pack(self, version: str, run_id: str) -> RoundModel | None:
+        """The packed release ``version``, built on first use and kept (its bytes never
+        change); ``None`` if it cannot be rebuilt (logged)."""
+        for v, _, pack in self._release_packs.values():
+            if v == version:
+                return pack
+        try:
+            data = release.release_pack(self.fed, version)
+        except TesseraError as exc:
+            log.error("cannot offer release %s: %s", version, exc)
+            return None
+        sha = hashlib.sha256(data).hexdigest()
+        offer = make_offer(f"rel-{version}-{sha[:16]}", data, self.limits.chunk_size, sha256=sha)
+        pack = RoundModel(0, data, offer, "")
+        self._release_packs[offer.transfer_id] = (version, run_id, pack)
+        return pack
+
+    def _release_notice(self, site_id: str) -> ReleaseNotice | None:
+        """The releases ``site_id`` may receive (``None`` when none was ever published)."""
+        published = release.releases(self.fed.store)
+        if not published:
+            return None
+        items = []
+        for r in published[-64:]:
+            if not release.may_receive(self.fed.store, r.run_id, site_id):
+                continue
+            pack = self._release_pack(r.version, r.run_id)
+            if pack is not None:
+                items.append({"version": r.version, "run_id": r.run_id, "offer": pack.offer.body()})
+        return ReleaseNotice(releases=items)
+
+    def _releases_changed(self) -> None:
+        """A release was published from the admin CLI: offer it to the connected sites."""
+        versions = tuple(r.version for r in release.releases(self.fed.store))
+        if versions == self._releases_seen:
+            return
+        self._releases_seen = versions
+        for site_id, conn in list(self.connections.items()):
+            notice = self._release_notice(site_id)
+            if notice is not None:
+                conn.session.send(notice)
+                self._spawn(self._flush(conn))
+
+    async def _serve_release(self, conn: Connection, msg: TransferAccept) -> None:
+        """Send a packed release, from ``next_index`` on, to a site that took part in its run;
+        any other site is refused (it never got the offer, but may have guessed it)."""
+        version, run_id, pack = self._release_packs[msg.transfer_id]
+        if conn.site_id is None or not release.may_receive(self.fed.store, run_id, conn.site_id):
+            log.warning("site %s asked for release %s, which is not for it", conn.site_id, version)
+            conn.session.send(
+                ErrorMessage(
+                    code="release.not_participant",
+                    message=f"release {version} goes only to the sites that took part in run "
+                    f"{run_id}",
+                    ref=msg.TYPE,
+                )
+            )
+            return
+        try:
+            for frame in chunk_frames(pack.offer, pack.data, msg.next_index):
+                await conn.ws.send(frame)
+        except TransferError as exc:
+            conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
 
     async def _flush_and_close(self, conn: Connection) -> None:
         conn.ws.close_timeout = 1  # a peer that stopped reading must not hold the socket

@@ -62,7 +62,9 @@ __all__ = [
     "VerifiedRelease",
     "check_version",
     "json_bytes",
+    "pack_release",
     "render_model_card_html",
+    "unpack_release",
     "verify_release",
 ]
 
@@ -106,6 +108,69 @@ def json_bytes(value: Any) -> bytes:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# --- one payload on the wire -----------------------------------------------------------------
+
+PACK_MAGIC = b"TESSERA-RELEASE-PACK/1\n"
+FILE_NAMES = (MANIFEST, WEIGHTS, CARD_JSON, CARD_HTML, PLAN, CHARTER, PROVENANCE)
+_MAX_INDEX = 4096
+
+
+def pack_release(files: Mapping[str, bytes]) -> bytes:
+    """A release folder's files as one payload, for the coordinator to offer like a model.
+
+    Deterministic (the same files give the same bytes, so the offer's SHA-256 names the
+    release): a magic line, the index length (8 bytes, big-endian), a JSON index of
+    ``[name, size]`` pairs in name order, then the files' bytes in that order. No archive
+    format, no paths, no timestamps, no pickle: :func:`unpack_release` reads only the known
+    file names back.
+    """
+    unknown = sorted(set(files) - set(FILE_NAMES))
+    if unknown:
+        raise _fail("bad_file", f"{unknown[0]} is not a file of a release", file=unknown[0])
+    names = sorted(files)
+    index = json.dumps([[n, len(files[n])] for n in names], separators=(",", ":")).encode()
+    return b"".join([PACK_MAGIC, len(index).to_bytes(8, "big"), index, *(files[n] for n in names)])
+
+
+def unpack_release(data: bytes) -> dict[str, bytes]:
+    """The files of a packed release (name -> bytes); only the known names of a release
+    folder, each once, with sizes that add up to exactly the payload. Anything else is a
+    damaged payload (``release.bad_pack``); what the files say is :func:`verify_release`'s job.
+    """
+    view = memoryview(data)
+    start = len(PACK_MAGIC) + 8
+    if bytes(view[: len(PACK_MAGIC)]) != PACK_MAGIC or len(data) < start:
+        raise _fail("bad_pack", "the received release is not a Tessera release payload")
+    size = int.from_bytes(view[len(PACK_MAGIC) : start], "big")
+    if size > _MAX_INDEX or start + size > len(data):
+        raise _fail("bad_pack", "the received release has a damaged index")
+    try:
+        index = json.loads(bytes(view[start : start + size]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _fail("bad_pack", f"the received release has a damaged index ({exc})") from exc
+    if not isinstance(index, list) or not all(
+        isinstance(i, list)
+        and len(i) == 2
+        and i[0] in FILE_NAMES
+        and isinstance(i[1], int)
+        and not isinstance(i[1], bool)
+        and i[1] >= 0
+        for i in index
+    ):
+        raise _fail("bad_pack", "the received release names files a release does not have")
+    names = [i[0] for i in index]
+    if len(set(names)) != len(names) or names != sorted(names):
+        raise _fail("bad_pack", "the received release lists a file twice or out of order")
+    offset = start + size
+    if offset + sum(i[1] for i in index) != len(data):
+        raise _fail("bad_pack", "the received release's files do not fill the payload exactly")
+    out: dict[str, bytes] = {}
+    for name, length in index:
+        out[name] = bytes(view[offset : offset + length])
+        offset += length
+    return out
 
 
 # --- the site's check ------------------------------------------------------------------------

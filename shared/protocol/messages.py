@@ -585,3 +585,88 @@ class Dispute(Message):
             "dispute.reason must be 1-2000 characters",
         )
         _check(0 < len(self.person) <= 200, "dispute.person must be 1-200 characters")
+
+
+# --- releases ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseNotice(Message):
+    """The releases this site may receive (only runs its updates went into), each with an
+    offer of the release packed as one payload (``shared.releases.pack_release``). Sent after
+    ``Welcome`` when any release exists, and whenever one is published. Not signed: the site
+    checks the unpacked release itself (``verify_release``) with the pinned coordinator key."""
+
+    TYPE: ClassVar[str] = "release_notice"
+    releases: list[dict[str, Any]]  # {version, run_id, offer: TransferOffer body}
+
+    def __post_init__(self) -> None:
+        _check(len(self.releases) <= 64, "release_notice.releases has too many releases")
+        for item in self.releases:
+            _check(
+                isinstance(item, dict)
+                and set(item) == {"version", "run_id", "offer"}
+                and isinstance(item["version"], str)
+                and isinstance(item["run_id"], str)
+                and isinstance(item["offer"], dict),
+                "release_notice.releases holds a malformed release",
+            )
+            _check(
+                bool(_RELEASE_VERSION.fullmatch(item["version"])),
+                "release_notice version must be MAJOR.MINOR",
+            )
+            _ident(item["run_id"], "release_notice.run_id")
+            TransferOffer.from_dict(item["offer"])
+
+    def offers(self) -> list[tuple[str, str, TransferOffer]]:
+        return [
+            (r["version"], r["run_id"], TransferOffer.from_dict(r["offer"])) for r in self.releases
+        ]
+
+
+_RELEASE_VERSION = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseAcceptance(Message):
+    """A site's verdict on a release it received and verified: the metrics of the plan's
+    acceptance validation on its own held-out data (metrics only; ``{}`` when it has none),
+    whether it accepts the release and, for a refusal, why; signed by the site."""
+
+    TYPE: ClassVar[str] = "release_acceptance"
+    version: str
+    run_id: str
+    weights_sha256: str  # the release's weights file, as verified at the site
+    accepted: bool
+    metrics: dict[str, Any]
+    reason: str
+    person: str
+    signature: str  # site, over ("release.acceptance", release_acceptance_fields(...))
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(_RELEASE_VERSION.fullmatch(self.version)),
+            "release_acceptance.version must be MAJOR.MINOR",
+        )
+        _ident(self.run_id, "release_acceptance.run_id")
+        _hex64(self.weights_sha256, "release_acceptance.weights_sha256")
+        if self.metrics:
+            _check(
+                set(self.metrics) == set(_METRIC_NAMES),
+                f"release_acceptance.metrics must be exactly {', '.join(_METRIC_NAMES)}",
+            )
+            for name in _METRIC_NAMES[:-1]:
+                _check(
+                    _matches(self.metrics[name], float | None),
+                    f"release_acceptance.{name} must be a finite number or null",
+                )
+            _check(
+                _matches(self.metrics["n"], int) and self.metrics["n"] >= 1,
+                "release_acceptance.n must be a count >= 1",
+            )
+        _check(len(self.reason) <= 2000, "release_acceptance.reason is too long")
+        _check(
+            self.accepted or bool(self.reason.strip()),
+            "release_acceptance.reason is required for a refusal",
+        )
+        _check(0 < len(self.person) <= 200, "release_acceptance.person must be 1-200 characters")

@@ -39,6 +39,8 @@ from shared.protocol.messages import (
     HeadUpdate,
     Message,
     PlanDecision,
+    ReleaseAcceptance,
+    ReleaseNotice,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -283,6 +285,7 @@ class CoordinatorSession(_Session):
             ValidationReport,
             HeadRequest,
             Dispute,
+            ReleaseAcceptance,
             ErrorMessage,
         ),
     }
@@ -344,6 +347,7 @@ class SiteSession(_Session):
             RunFinished,
             GovernanceNotice,
             HeadUpdate,
+            ReleaseNotice,
             ErrorMessage,
         ),
     }

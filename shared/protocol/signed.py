@@ -20,6 +20,7 @@ MODEL = "model"
 FINAL_MODEL = "model.final"
 PLAN = "plan"
 RELEASE = "release"
+RELEASE_ACCEPTANCE = "release.acceptance"
 UPDATE = "update"
 
 
@@ -181,6 +182,33 @@ def dispute_fields(
         "run_id": run_id,
         "round": round,
         "release": release,
+        "reason": reason,
+        "person": person,
+    }
+
+
+def release_acceptance_fields(
+    *,
+    federation: str,
+    site_id: str,
+    version: str,
+    run_id: str,
+    weights_sha256: str,
+    accepted: bool,
+    metrics: dict[str, Any],
+    reason: str,
+    person: str,
+) -> dict[str, Any]:
+    """Signed by a site that verified a release and ran its acceptance validation: metrics
+    only, and whether it accepts the release (a refusal says why)."""
+    return {
+        "federation": federation,
+        "site_id": site_id,
+        "version": version,
+        "run_id": run_id,
+        "weights_sha256": weights_sha256,
+        "accepted": accepted,
+        "metrics": metrics,
         "reason": reason,
         "person": person,
     }

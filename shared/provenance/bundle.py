@@ -278,6 +278,21 @@ _SITE_SIGNED["dispute_raised"] = lambda p, federation: (
     ),
 )
 
+_SITE_SIGNED["release_accepted"] = lambda p, federation: (
+    signed.RELEASE_ACCEPTANCE,
+    signed.release_acceptance_fields(
+        federation=federation,
+        site_id=p["site_id"],
+        version=p["version"],
+        run_id=p["run_id"],
+        weights_sha256=p["weights_sha256"],
+        accepted=p["accepted"],
+        metrics=p["metrics"],
+        reason=p["reason"],
+        person=p["person"],
+    ),
+)
+
 
 def _check_updates(entries: Sequence[LogEntry], site_keys: Mapping[str, str]) -> int:
     """Every entry a site signed (updates, charter signatures, plan decisions, validations)

@@ -17,8 +17,14 @@ when the update is accepted (``shared.phases``).
 
 A view follows along through ``on_phase``: one :class:`PhaseEvent` per step (connecting,
 connected, disconnected, downloading, training, uploading, accepted, validating, validated,
-declined, finished), called on the participant's event loop; ``on_status`` strings are for
-people and logs, not to be parsed.
+declined, finished, release_received, release_rejected), called on the participant's event
+loop; ``on_status`` strings are for people and logs, not to be parsed.
+
+Releases (:mod:`.releases`): a ``ReleaseNotice`` lists the releases this site may have; each
+one not yet kept (nor refused before) is downloaded like a model (resumable), verified with the
+pinned coordinator key, kept under ``releases/X.Y/``, validated on the site's held-out data, and
+a signed ``ReleaseAcceptance`` with the metrics goes back; verdicts are sent again on every
+connection.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from shared.protocol.messages import (
     ErrorMessage,
     GovernanceNotice,
     HeadUpdate,
+    ReleaseNotice,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -70,6 +77,7 @@ from shared.protocol.session import (
 )
 from shared.protocol.transfer import chunk_frames, make_offer
 from shared.provenance.errors import ProvenanceError
+from site_client.core import releases as site_releases
 from site_client.core.config import SiteDir
 from site_client.core.governance import SiteGovernance
 from site_client.core.governance_link import (
@@ -201,7 +209,9 @@ class Participant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
-        self._downloads: dict[str, tuple[RoundInvite | RunFinished, Any]] = {}
+        self._downloads: dict[
+            str, tuple[RoundInvite | RunFinished | site_releases.ReleaseDownload, Any]
+        ] = {}
         self._uploads: dict[str, tuple[UpdateOffer, bytes]] = {}
         self._training: asyncio.Task[None] | None = None
         self._validating: asyncio.Future[None] | None = None
@@ -311,6 +321,9 @@ class Participant:
             if entry is not None:
                 target, fh = entry
                 fh.close()
+                if isinstance(target, site_releases.ReleaseDownload):
+                    self._release_arrived(target)
+                    return
                 self._verified.add(event.offer.sha256)
                 if isinstance(target, RunFinished):
                     self._final_arrived(target)
@@ -320,7 +333,11 @@ class Participant:
             entry = self._downloads.pop(event.transfer_id, None)
             if entry is not None:
                 entry[1].close()
-                self._model_part(entry[0]).unlink(missing_ok=True)
+                target = entry[0]
+                if isinstance(target, site_releases.ReleaseDownload):
+                    target.part.unlink(missing_ok=True)
+                else:
+                    self._model_part(target).unlink(missing_ok=True)
             self.on_status(f"model download failed: {event.reason}")
         elif isinstance(event, PeerViolation):
             log.warning("coordinator sent something invalid: %s", event.reason)
@@ -355,6 +372,8 @@ class Participant:
             self._on_notice(msg)
         elif isinstance(msg, HeadUpdate):
             self._on_head(msg)
+        elif isinstance(msg, ReleaseNotice):
+            self._on_release_notice(msg)
         elif isinstance(msg, RoundInvite):
             self._on_invite(msg)
         elif isinstance(msg, TransferAccept):
@@ -680,7 +699,8 @@ class Participant:
         except TesseraError as exc:
             self.on_status(f"the coordinator's charter or plans were not accepted: {exc}")
             return
-        for reply in [*replies, *pending_disputes(self.governance)]:
+        verdicts = site_releases.verdicts(self.governance).values()
+        for reply in [*replies, *pending_disputes(self.governance), *verdicts]:
             self._session.send(reply)
         charter = self.governance.record.charter()
         if charter is not None and charter.accepted_by is None:
@@ -800,3 +820,77 @@ class Participant:
                 self._session.close("site.done", "the run is finished")
                 await self._flush()
                 await self._ws.close()
+
+    # -- releases ------------------------------------------------------------------------
+
+    def _on_release_notice(self, msg: ReleaseNotice) -> None:
+        """Fetch each offered release this site does not hold yet (resuming a part)."""
+        session = self._session
+        assert session is not None
+        for version, run_id, offer in msg.offers():
+            if offer.transfer_id in self._downloads or not site_releases.wanted(
+                self.dir, self.governance, version, offer
+            ):
+                continue
+            root = site_releases.releases_dir(self.dir)
+            root.mkdir(parents=True, exist_ok=True)
+            part = root / f"{version}.{offer.sha256[:16]}.part"
+            have = part.read_bytes() if part.exists() else b""
+            try:
+                next_index = session.expect_transfer(offer, have)
+            except TesseraError as exc:
+                self.on_status(f"cannot fetch release {version}: {exc}")
+                continue
+            self.on_status(f"receiving release {version} of run {run_id}")
+            download = site_releases.ReleaseDownload(version, run_id, offer, part)
+            fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
+            fh.truncate(min(len(have), next_index * offer.chunk_size))
+            fh.seek(0, 2)
+            if next_index < offer.total_chunks:
+                self._downloads[offer.transfer_id] = (download, fh)
+            else:
+                fh.close()
+                self._release_arrived(download)
+
+    def _release_arrived(self, download: site_releases.ReleaseDownload) -> None:
+        data = download.part.read_bytes()
+        download.part.unlink(missing_ok=True)
+        try:
+            verified = site_releases.install(self.dir, self.governance, download, data, time.time())
+        except TesseraError as exc:
+            self.on_status(f"ALERT: release {download.version} refused: {exc}")
+            self._phase("release_rejected", download.run_id, detail_code=exc.code, reason=str(exc))
+            return
+        self.on_status(f"release {download.version} verified and kept in {verified.root}")
+        self._phase("release_received", download.run_id, version=download.version)
+        self._spawn(self._accept_release(verified))
+
+    async def _accept_release(self, verified: Any) -> None:
+        """Run the plan's validation with the release's weights on this site's held-out
+        data and send the signed metrics (accepted: the release passed verification)."""
+        if self._validating is not None and not self._validating.done():
+            await asyncio.shield(self._validating)
+        if self._training is not None and not self._training.done():
+            await asyncio.shield(self._training)
+        from shared.releases import WEIGHTS
+
+        weights = verified.root / WEIGHTS
+        metrics: dict[str, Any] = {}
+        try:
+            metrics = await self.trainer.validate(
+                f"release-{verified.version}",
+                {
+                    "plan": verified.plan.to_dict(),
+                    "model_path": str(weights),
+                    "model_sha256": hashlib.sha256(verified.weights).hexdigest(),
+                    **self._data_job(),
+                    "cache_dir": str(self.dir.tensors),
+                    "data_seed": 0,
+                },
+            )
+        except TesseraError as exc:
+            self.on_status(f"acceptance validation of release {verified.version} failed: {exc}")
+        message = site_releases.acceptance(self.governance, verified, metrics, time.time())
+        if self._session is not None and not self._session.closed:
+            self._session.send(message)
+            await self._flush()

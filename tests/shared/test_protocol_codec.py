@@ -29,6 +29,8 @@ from shared.protocol import (
     Limits,
     Message,
     PlanDecision,
+    ReleaseAcceptance,
+    ReleaseNotice,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -246,6 +248,35 @@ STRATEGIES[Dispute] = st.builds(
     round=rounds,
     release=st.just(""),
     reason=sized_text(1, 100).filter(str.strip),
+    person=persons,
+    signature=texts,
+)
+
+versions = st.builds("{}.{}".format, st.integers(0, 999), st.integers(0, 999))
+STRATEGIES[ReleaseNotice] = st.builds(
+    ReleaseNotice,
+    releases=st.lists(
+        st.fixed_dictionaries({"version": versions, "run_id": idents, "offer": offers}),
+        max_size=3,
+    ),
+)
+STRATEGIES[ReleaseAcceptance] = st.builds(
+    ReleaseAcceptance,
+    version=versions,
+    run_id=idents,
+    weights_sha256=hex64,
+    accepted=st.just(True),
+    metrics=st.just({})
+    | st.fixed_dictionaries(
+        {
+            **{
+                m: finite | st.none()
+                for m in ("auc", "accuracy", "sensitivity", "specificity", "loss")
+            },
+            "n": st.integers(1, 1 << 30),
+        }
+    ),
+    reason=sized_text(0, 100),
     person=persons,
     signature=texts,
 )

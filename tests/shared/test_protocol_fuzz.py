@@ -51,6 +51,8 @@ from shared.protocol import (
     Limits,
     Message,
     PlanDecision,
+    ReleaseAcceptance,
+    ReleaseNotice,
     RoundDecline,
     RoundInvite,
     RunFinished,
@@ -111,6 +113,7 @@ COORDINATOR_ACCEPTS: dict[Phase, set[type[Message]]] = {
         ValidationReport,
         HeadRequest,
         Dispute,
+        ReleaseAcceptance,
         ErrorMessage,
     },
 }
@@ -126,6 +129,7 @@ SITE_ACCEPTS: dict[Phase, set[type[Message]]] = {
         RunFinished,
         GovernanceNotice,
         HeadUpdate,
+        ReleaseNotice,
         ErrorMessage,
     },
 }
