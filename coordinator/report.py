@@ -384,6 +384,32 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
                 {0},
             ),
         ]
+    accepted = _of_run(entries, run_id, "release_accepted")
+    if accepted:
+        latest = {(p["version"], p["site_id"]): p for p in accepted}  # each site's last verdict
+        out += [
+            "<h2>Release acceptance at the sites</h2>",
+            "<p>Each site verified the release (signatures, weights, inclusion in the log) and "
+            "validated it on its own held-out patients before reporting.</p>",
+            _table(
+                ["Release", "Site", "Verdict", "AUC", "n", "By", "Reason"],
+                [
+                    [
+                        p["version"],
+                        names.get(p["site_id"], p["site_id"]),
+                        "accepted" if p["accepted"] else "refused",
+                        f"{p['metrics']['auc']:.3f}"
+                        if isinstance(p.get("metrics", {}).get("auc"), float)
+                        else "-",
+                        p.get("metrics", {}).get("n", "-"),
+                        p.get("person", ""),
+                        p.get("reason", ""),
+                    ]
+                    for p in latest.values()
+                ],
+                {3, 4},
+            ),
+        ]
     raised = _of_run(entries, run_id, "dispute_raised")
     resolved = {
         e.payload["dispute_id"]: e.payload.get("resolution", "")

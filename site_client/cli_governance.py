@@ -71,11 +71,13 @@ def add_parsers(sub: Any) -> None:
     raise_.add_argument("--reason", required=True, help="what is wrong, for the consortium lead")
     raise_.add_argument("--name", required=True, help="your name, signed with the dispute")
 
+    sub.add_parser("releases", help="model releases this site received, and its verdicts")
+
     activity = sub.add_parser("activity", help="everything this site did and signed")
     activity.add_argument("--json", action="store_true")
 
 
-COMMANDS = ("charter", "plan", "policy", "dispute", "activity")
+COMMANDS = ("charter", "plan", "policy", "dispute", "releases", "activity")
 
 
 def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
@@ -88,6 +90,8 @@ def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
         return _policy(args, site_dir, now)
     if args.command == "dispute":
         return _dispute(args, site_dir, now)
+    if args.command == "releases":
+        return _releases(site_dir)
     entries = load_activity(site_dir)
     if args.json:
         print(json.dumps([e.to_dict() for e in entries], indent=2))
@@ -236,4 +240,32 @@ def _dispute(args: argparse.Namespace, site_dir: SiteDir, now: float) -> int:
         f"Dispute {dispute.dispute_id} raised by {dispute.person}, signed with this site's key. "
         "It is sent to the coordinator the next time this site connects."
     )
+    return 0
+
+
+def _releases(site_dir: SiteDir) -> int:
+    from shared.crypto.keys import load_private_key
+    from site_client.core.governance_link import GovernanceLink
+    from site_client.core.releases import held, release_dir, verdicts
+
+    versions = held(site_dir)
+    if not versions:
+        print("This site has received no model release yet.")
+        return 0
+    record = open_governance(site_dir)
+    try:
+        link = GovernanceLink(record, site_dir.load(), load_private_key(site_dir.key_file))
+        reported = verdicts(link)
+    finally:
+        record.close()
+    for version in versions:
+        verdict = reported.get(version)
+        if verdict is None:
+            state = "verified, not yet validated here"
+        else:
+            auc = verdict.metrics.get("auc") if verdict.metrics else None
+            state = ("accepted" if verdict.accepted else f"refused: {verdict.reason}") + (
+                f", AUC here {auc:.3f}" if isinstance(auc, float) else ""
+            )
+        print(f"release {version}  {release_dir(site_dir, version)}  {state}")
     return 0

@@ -163,3 +163,9 @@ def test_dispute_raise_and_list(site, capsys):
         == 2
     )
     assert "say what is disputed" in capsys.readouterr().err
+
+
+def test_releases_without_any(site, capsys):
+    site_dir, _, _ = site
+    assert _run(site_dir, "releases") == 0
+    assert "no model release yet" in capsys.readouterr().out
