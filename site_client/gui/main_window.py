@@ -7,28 +7,40 @@ what the site is doing (the task runner's ``activity_changed``, with a small pro
 and the PACS receiver (the Data page's PACS tab). Pages are reached with the mouse, the
 arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ... The Governance and Activity pages read their
 records again each time they are shown (the participant adds offers and events to them in the
-background).
+background). The connection part follows the Participation page's service; when no task of
+the runner is running, the activity part says what the participant is doing.
+
+Closing the window while the site takes part asks whether to keep taking part or stop.
+"Keep taking part" minimises the window instead of closing it: training goes on and the
+window is one click away in the taskbar. We do not hide to a tray icon, because many Linux
+desktops (GNOME by default) show none, and a process with no window and no icon could only
+be stopped with a command line, which is not honest to the people using it. "Stop and
+close" stops the participant (its training process ends, the connection closes) and closes.
 """
 
 from __future__ import annotations
 
-from PySide6.QtGui import QCloseEvent, QKeySequence, QShortcut
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QCloseEvent, QGuiApplication, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QMainWindow,
+    QMessageBox,
     QProgressBar,
     QStackedWidget,
     QWidget,
 )
 
 from site_client.core.config import SiteConfig, SiteDir
+from site_client.core.participation import ParticipationService, Snapshot
 from site_client.core.status import Connection, connection_text
 from site_client.gui.pages.activity import ActivityPage
 from site_client.gui.pages.data import DataPage
 from site_client.gui.pages.governance import GovernancePage
+from site_client.gui.pages.participation import ParticipationPage
 from site_client.gui.pages.site import SitePage
 from site_client.gui.style import ERROR, IDLE, OK, WAITING, dot
 from site_client.gui.tasks import Progress, Task, TaskRunner
@@ -51,6 +63,8 @@ class MainWindow(QMainWindow):
         config: SiteConfig,
         runner: TaskRunner,
         parent: QWidget | None = None,
+        *,
+        participation: ParticipationService | None = None,
     ) -> None:
         super().__init__(parent)
         self.site_dir = site_dir
@@ -61,7 +75,9 @@ class MainWindow(QMainWindow):
 
         self.data_page = DataPage(site_dir, runner)
         self.governance_page = GovernancePage(site_dir, runner)
+        self.participation_page = ParticipationPage(site_dir, runner, participation)
         self.activity_page = ActivityPage(site_dir, runner)
+        self.close_box: QMessageBox | None = None
         self.site_page = SitePage(site_dir, config)
         self.pages: list[tuple[str, QWidget, str]] = [
             ("Data", self.data_page, "Import images and labels, and see what this site holds."),
@@ -70,6 +86,12 @@ class MainWindow(QMainWindow):
                 self.governance_page,
                 "The federation's charter, the training plans to approve or refuse, and this "
                 "hospital's policy.",
+            ),
+            (
+                "Participation",
+                self.participation_page,
+                "Taking part in training: the connection, the current round, what this site is "
+                "doing, and how the shared model does on this hospital's images.",
             ),
             (
                 "Activity",
@@ -121,6 +143,10 @@ class MainWindow(QMainWindow):
         runner.started.connect(self._task_started)
         self.data_page.pacs.state_changed.connect(self._pacs)
         self.set_connection(Connection.OFFLINE)
+        self.participation_page.connection_changed.connect(self.set_connection)
+        self.participation_page.snapshot_changed.connect(
+            self._participation, Qt.ConnectionType.QueuedConnection
+        )
         self._activity(runner.activity())
         self._pacs("")
 
@@ -143,10 +169,21 @@ class MainWindow(QMainWindow):
         self.connection_state = state
         self.connection_dot.setPixmap(dot(_STATE_COLOURS[state]))
         self.connection_label.setText(text)
+        # never squeezed by a long activity text beside it
+        self.connection_label.setMinimumWidth(self.connection_label.sizeHint().width())
         for label in (self.connection_dot, self.connection_label):
             label.setToolTip(tip)
 
+    def _participation(self, _snap: Snapshot) -> None:
+        if not self.runner.active():
+            self._activity("")
+
     def _activity(self, text: str) -> None:
+        snap = self.participation_page.snapshot
+        if not text and snap.active:
+            self.activity_label.setText(snap.doing_text)
+            self.activity_bar.hide()
+            return
         self.activity_label.setText(text or "Nothing running")
         busy = bool(text)
         self.activity_bar.setVisible(busy)
@@ -167,8 +204,45 @@ class MainWindow(QMainWindow):
     def _pacs(self, text: str) -> None:
         self.pacs_label.setText(text or "PACS receiver off")
 
+    def ask_close(self) -> str:
+        """While the site takes part: "background" (minimise, keep taking part), "stop" (stop
+        and close) or "cancel". Blocks in the dialog's own event loop (the app keeps running)."""
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            "Keep taking part in training?",
+            "This site is taking part in training. Keep taking part with the window "
+            "minimised (it stays in the taskbar), or stop taking part and close Tessera?\n\n"
+            "If you stop, the other sites carry on without this hospital until you start "
+            "again.",
+            QMessageBox.StandardButton.NoButton,
+            self,
+        )
+        keep = box.addButton("&Keep taking part", QMessageBox.ButtonRole.AcceptRole)
+        stop = box.addButton("&Stop and close", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        self.close_box = box
+        box.exec()
+        self.close_box = None
+        clicked = box.clickedButton()
+        return "background" if clicked is keep else "stop" if clicked is stop else "cancel"
+
     def closeEvent(self, event: QCloseEvent) -> None:
-        """Stop the receiver and the background work before the window goes."""
+        """Ask first while a run is active; then stop the participant, the receiver and the
+        background work before the window goes."""
+        service = self.participation_page.service
+        if service.running:
+            choice = self.ask_close()
+            if choice != "stop":
+                event.ignore()
+                if choice == "background":
+                    self.showMinimized()
+                return
+            QGuiApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
+            try:
+                service.stop()
+            finally:
+                QGuiApplication.restoreOverrideCursor()
         self.data_page.pacs.stop_now()
         self.runner.shutdown(timeout_s=10.0)
         self.runner.errors.close_dialogs()

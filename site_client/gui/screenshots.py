@@ -14,6 +14,10 @@ signs a charter and two plans, which are recorded into the demo site's governanc
 the participant records real offers (signatures checked); the site gets a throwaway key of its
 own. The charter is then accepted, the first plan approved and the policy saved through the
 pages themselves, so the history and the timeline hold real, signed entries.
+
+The Participation page is drawn from a recorded snapshot: the participant's phase events of
+a three-round run (with the metrics such a run reports) folded by the service's own
+``apply``, with the fourth round in training; no coordinator is contacted.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from shared.synthetic import generate_federation
 from site_client.core.activity import open_governance
 from site_client.core.config import SiteConfig, SiteDir
 from site_client.core.pacs_settings import LOOPBACK
+from site_client.core.participant import PhaseEvent
+from site_client.core.participation import Snapshot, apply, with_progress
 
 __all__ = ["render_screenshots"]
 
@@ -139,6 +145,41 @@ def _demo_offers(site_dir: SiteDir, coordinator: Ed25519PrivateKey) -> list[str]
         return hashes
     finally:
         governance.close()
+
+
+def demo_snapshot(privacy_cap: float | None = None) -> Snapshot:
+    """A run of 10 rounds at round 4, as the participant's phase events record it."""
+    from site_client.core.participation import PrivacyBudget
+
+    run = "run-3f9c2a71"
+    events = [
+        PhaseEvent("connecting"),
+        PhaseEvent("connected", detail={"federation": DEMO_FEDERATION}),
+    ]
+    figures = [  # (train loss, AUC, accuracy, held-out loss) after each round
+        (0.69, 0.71, 0.64, 0.66),
+        (0.58, 0.78, 0.70, 0.59),
+        (0.51, 0.83, 0.75, 0.53),
+    ]
+    for rnd, (train, auc, accuracy, loss) in enumerate(figures, start=1):
+        events += [
+            PhaseEvent("downloading", run, rnd, {"rounds": 10}),
+            PhaseEvent("training", run, rnd),
+            PhaseEvent("uploading", run, rnd, {"train_loss": train, "num_samples": 48}),
+            PhaseEvent("accepted", run, rnd),
+            PhaseEvent("validating", run, rnd),
+            PhaseEvent(
+                "validated",
+                run,
+                rnd,
+                {"metrics": {"auc": auc, "accuracy": accuracy, "loss": loss, "n": 12}},
+            ),
+        ]
+    events += [PhaseEvent("downloading", run, 4, {"rounds": 10}), PhaseEvent("training", run, 4)]
+    snap = Snapshot(privacy=PrivacyBudget(cap=privacy_cap))
+    for event in events:
+        snap = apply(snap, event)
+    return with_progress(snap, 37, 60)
 
 
 def _demo_code() -> str:
@@ -251,10 +292,13 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         governance.tabs.setCurrentIndex(2)
         written.append(_save(window, out_dir / "09-governance-policy.png"))
         window.show_page(2)
-        _wait(runner)
-        written.append(_save(window, out_dir / "10-activity.png"))
+        window.participation_page.snapshot_changed.emit(demo_snapshot())  # as the service does
+        written.append(_save(window, out_dir / "10-participation.png"))
         window.show_page(3)
-        written.append(_save(window, out_dir / "11-this-site.png"))
+        _wait(runner)
+        written.append(_save(window, out_dir / "11-activity.png"))
+        window.show_page(4)
+        written.append(_save(window, out_dir / "12-this-site.png"))
         window.close()
     if errors.last is not None:  # a page would show an error instead of the demo data
         raise RuntimeError(f"the demo failed: {errors.last.title}: {errors.last.text}")

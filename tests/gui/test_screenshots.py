@@ -7,6 +7,7 @@ from pathlib import Path
 from PySide6.QtGui import QColor, QImage
 
 from site_client.cli import main
+from site_client.gui.pages.participation import SECOND_SERIES
 from site_client.gui.style import ACCENT, OK, WAITING
 
 
@@ -41,8 +42,9 @@ def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> No
         "07-governance-charter.png",
         "08-governance-plans.png",
         "09-governance-policy.png",
-        "10-activity.png",
-        "11-this-site.png",
+        "10-participation.png",
+        "11-activity.png",
+        "12-this-site.png",
     ]
     assert capsys.readouterr().out.split() == [str(f) for f in files]
     for f in files:
@@ -64,3 +66,11 @@ def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> No
         plans.pixel(x, y) for x in range(0, plans.width(), 2) for y in range(0, plans.height(), 2)
     }
     assert QColor(OK).rgb() in colours and QColor(WAITING).rgb() in colours
+    # the participation page draws the recorded run's rounds: both series' colours appear
+    participation = QImage(str(out / "10-participation.png"))
+    colours = {
+        participation.pixel(x, y)
+        for x in range(0, participation.width(), 2)
+        for y in range(0, participation.height(), 2)
+    }
+    assert accent in colours and QColor(SECOND_SERIES).rgb() in colours
