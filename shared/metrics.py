@@ -68,10 +68,18 @@ def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else math.nan
 
 
-def binary_metrics(probabilities: ArrayLike, labels: ArrayLike, threshold: float = 0.5) -> Metrics:
+def binary_metrics(
+    probabilities: ArrayLike,
+    labels: ArrayLike,
+    threshold: float = 0.5,
+    *,
+    ranking: ArrayLike | None = None,
+) -> Metrics:
     """AUC, accuracy, sensitivity (TP rate), specificity (TN rate) at ``threshold`` (a
     probability at or above it is called positive) and mean binary cross-entropy.
-    ``probabilities`` must lie in [0, 1]; they are clipped to [1e-12, 1 - 1e-12] for the loss."""
+    ``probabilities`` must lie in [0, 1]; they are clipped to [1e-12, 1 - 1e-12] for the loss.
+    ``ranking`` (e.g. the logits) orders the images for the AUC instead of the probabilities,
+    which saturate to 1.0 for confident outputs and would tie them."""
     p, y = _validate(probabilities, labels)
     if np.any((p < 0) | (p > 1)):
         raise ValueError("probabilities must lie in [0, 1]")
@@ -83,7 +91,7 @@ def binary_metrics(probabilities: ArrayLike, labels: ArrayLike, threshold: float
     clipped = np.clip(p, _EPS, 1 - _EPS)
     loss = float(-np.mean(np.where(y, np.log(clipped), np.log1p(-clipped)))) if n else math.nan
     return Metrics(
-        auc=roc_auc(p, y),
+        auc=roc_auc(p if ranking is None else _validate(ranking, labels)[0], y),
         accuracy=_ratio(tp + tn, n),
         sensitivity=_ratio(tp, positives),
         specificity=_ratio(tn, n - positives),

@@ -170,6 +170,16 @@ def train_local(
 def predict_scores(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Probability of the positive class for each image (sigmoid of the logit), float64,
     computed in eval mode without gradients; the model's mode is restored afterwards."""
+    return _sigmoid(predict_logits(model, images, batch_size))
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return np.asarray(torch.sigmoid(torch.from_numpy(logits)).numpy(), dtype=np.float64)
+
+
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The model's logit for each image, float64. Ranking by logits keeps the order that a
+    float sigmoid loses once confident outputs saturate to exactly 1.0 (about 17 in float32)."""
     _check_data(images, None)
     was_training = model.training
     model.eval()
@@ -180,7 +190,7 @@ def predict_scores(model: nn.Module, images: np.ndarray, batch_size: int = 256) 
                 x = torch.from_numpy(
                     np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
                 )
-                chunks.append(torch.sigmoid(_logits(model, x)).double().numpy())
+                chunks.append(_logits(model, x).double().numpy())
     finally:
         model.train(was_training)
     scores = np.concatenate(chunks)
@@ -197,4 +207,5 @@ def evaluate(
 ) -> Metrics:
     """Validation metrics of ``model`` on (images, labels); see ``binary_metrics``."""
     _check_data(images, labels)
-    return binary_metrics(predict_scores(model, images, batch_size), labels)
+    logits = predict_logits(model, images, batch_size)
+    return binary_metrics(_sigmoid(logits), labels, ranking=logits)

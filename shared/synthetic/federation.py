@@ -7,6 +7,15 @@ DICOM Part 10 file (explicit VR little endian) with pydicom. The binary label (n
 or absent) goes to the site's ``labels.csv`` keyed by StudyInstanceUID, never into the file.
 The held-out test set mixes every site's look in proportion to the site sizes.
 
+Settings: ``"default"`` (the demo's three scanners, mild shift) and ``"hard"`` (four very
+different scanners with label skew, :data:`shared.synthetic.scanners.HARD_PROFILES`, for the
+heterogeneity and compression benchmarks). The hard test set gives every scanner the same
+share, each with half positives: it is there to measure each site's AUC on its own scanner,
+and an AUC's precision is set by its rarer class, so balanced shares measure every site equally
+well (AUC itself does not depend on the positive rate). It also keeps a model from scoring
+well on the whole test set by learning "this scanner's images are mostly positive" from the
+skewed training labels.
+
 Determinism: every image draws from its own ``numpy`` generator seeded by (seed, site,
 image), and every UID is ``generate_uid(entropy_srcs=...)`` over the same keys, so the same
 arguments give byte-identical files, and adding test images or sites does not change the
@@ -32,12 +41,16 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from shared.errors import DataError
 from shared.synthetic.phantom import random_anatomy, random_lesion, render_density
-from shared.synthetic.scanners import ScannerProfile, acquire, profile_for_site
+from shared.synthetic.scanners import SETTINGS, ScannerProfile, acquire, profile_for_site
 
 #: Images per site when not given; sites past the third cycle through these.
 DEFAULT_IMAGES_PER_SITE: tuple[int, ...] = (220, 240, 160)
 DEFAULT_TEST_IMAGES = 300
 DEFAULT_IMAGE_SIZE = 128
+#: The hard setting's defaults: four sites, a test set with equal, balanced shares per scanner.
+HARD_IMAGES_PER_SITE: tuple[int, ...] = (260, 200, 240, 220)
+HARD_TEST_IMAGES = 600
+HARD_TEST_PREVALENCE = 0.5
 
 _ENTROPY_TAG = "tessera-synthetic-v1"
 _BASE_DATE = dt.date(2021, 1, 4)
@@ -64,6 +77,7 @@ class FederationManifest:
     test_dicom_dir: Path
     test_labels_csv: Path
     test_images: int
+    setting: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view; paths are relative to ``root`` so the manifest is relocatable."""
@@ -71,7 +85,9 @@ class FederationManifest:
         def rel(p: Path) -> str:
             return p.relative_to(self.root).as_posix()
 
+        extra = {} if self.setting == "default" else {"setting": self.setting}
         return {
+            **extra,  # absent for the default setting: its manifests stay byte-identical
             "format": "tessera-synthetic-federation/1",
             "seed": self.seed,
             "image_size": self.image_size,
@@ -106,24 +122,45 @@ class _Study:
 def generate_federation(
     out_dir: Path,
     *,
-    sites: int = 3,
+    sites: int | None = None,
     seed: int = 0,
     images_per_site: int | Sequence[int] | None = None,
-    test_images: int = DEFAULT_TEST_IMAGES,
+    test_images: int | None = None,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    setting: str = "default",
 ) -> FederationManifest:
     """Write a synthetic federation under ``out_dir`` and return (and write) its manifest.
 
     Layout: ``site-N/dicom/<PatientID>/<study>.dcm``, ``site-N/labels.csv``, the same under
     ``test/``, and ``manifest.json``. ``images_per_site`` is one number for every site or one
-    per site; by default :data:`DEFAULT_IMAGES_PER_SITE` in turn.
+    per site. Defaults: ``"default"`` setting, 3 sites, :data:`DEFAULT_IMAGES_PER_SITE` in turn
+    and :data:`DEFAULT_TEST_IMAGES`; ``"hard"``: 4 sites (at most 4),
+    :data:`HARD_IMAGES_PER_SITE` and :data:`HARD_TEST_IMAGES`.
     """
+    if setting not in SETTINGS:
+        raise DataError(
+            f"Unknown synthetic setting {setting!r}; choose one of "
+            f"{', '.join(map(repr, SETTINGS))}.",
+            code="data.synthetic",
+        )
+    hard = setting == "hard"
+    if sites is None:
+        sites = len(HARD_IMAGES_PER_SITE) if hard else 3
+    if test_images is None:
+        test_images = HARD_TEST_IMAGES if hard else DEFAULT_TEST_IMAGES
     if sites < 1:
         raise DataError("Ask for at least one site.", code="data.synthetic")
     if image_size < 32:
         raise DataError("Use an image size of at least 32 pixels.", code="data.synthetic")
+    if hard and sites > len(HARD_IMAGES_PER_SITE):
+        raise DataError(
+            f"The hard setting has {len(HARD_IMAGES_PER_SITE)} scanners; ask for at most "
+            f"{len(HARD_IMAGES_PER_SITE)} sites (got {sites}).",
+            code="data.synthetic",
+        )
     if images_per_site is None:
-        sizes = [DEFAULT_IMAGES_PER_SITE[i % len(DEFAULT_IMAGES_PER_SITE)] for i in range(sites)]
+        defaults = HARD_IMAGES_PER_SITE if hard else DEFAULT_IMAGES_PER_SITE
+        sizes = [defaults[i % len(defaults)] for i in range(sites)]
     elif isinstance(images_per_site, int):
         sizes = [images_per_site] * sites
     else:
@@ -138,7 +175,10 @@ def generate_federation(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    profiles = [profile_for_site(i) for i in range(sites)]
+    profiles = [profile_for_site(i, setting) for i in range(sites)]
+    # The key seeds each set's images and UIDs; the hard setting's differ from the default's,
+    # so the two can be imported side by side without UID clashes.
+    prefix = "" if setting == "default" else f"{setting}/"
 
     site_data = []
     for i, (profile, n) in enumerate(zip(profiles, sizes, strict=True)):
@@ -150,7 +190,7 @@ def generate_federation(
             studies,
             [profile] * n,
             seed=seed,
-            set_key=name,
+            set_key=prefix + name,
             tag=f"S{i + 1}",
             image_size=image_size,
             institution=f"Synthetic Hospital {i + 1}",
@@ -168,14 +208,13 @@ def generate_federation(
             )
         )
 
-    # Pooled test set: each site's look in proportion to its size (largest remainder).
-    shares = _apportion(test_images, sizes)
+    # Pooled test set: each site's look in proportion to its size (largest remainder), or
+    # (hard) in equal, balanced shares (module docstring).
+    shares = _apportion(test_images, [1] * sites if hard else sizes)
+    test_prevalences = [HARD_TEST_PREVALENCE if hard else p.prevalence for p in profiles]
     test_profiles = [p for p, k in zip(profiles, shares, strict=True) for _ in range(k)]
     test_studies = _plan_studies(
-        np.random.default_rng([seed, 10_000, 0]),
-        test_images,
-        [p.prevalence for p in profiles],
-        shares,
+        np.random.default_rng([seed, 10_000, 0]), test_images, test_prevalences, shares
     )
     test_root = out_dir / "test"
     _write_set(
@@ -183,7 +222,7 @@ def generate_federation(
         test_studies,
         test_profiles,
         seed=seed,
-        set_key="test",
+        set_key=prefix + "test",
         tag="T",
         image_size=image_size,
         institution="Synthetic Test Archive",
@@ -197,6 +236,7 @@ def generate_federation(
         test_dicom_dir=test_root / "dicom",
         test_labels_csv=test_root / "labels.csv",
         test_images=test_images,
+        setting=setting,
     )
     (out_dir / "manifest.json").write_text(
         json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"

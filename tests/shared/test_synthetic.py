@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID
 
 from shared.errors import DataError
-from shared.synthetic import generate_federation, profile_for_site
+from shared.imaging import load_labelled_folder
+from shared.synthetic import (
+    HARD_IMAGES_PER_SITE,
+    HARD_PROFILES,
+    generate_federation,
+    profile_for_site,
+)
 
 
 def _files(root: Path) -> list[Path]:
@@ -134,3 +142,110 @@ def test_bad_arguments_raise_data_error(tmp_path):
         generate_federation(tmp_path, sites=3, images_per_site=[5, 5])
     with pytest.raises(DataError, match="at least one site"):
         generate_federation(tmp_path, sites=0)
+
+
+# --- the hard setting (issue 6) ------------------------------------------------------------
+
+#: SHA-256 over (relative path, bytes) of every file of the default setting's federation made
+#: by ``_default_tree_digest``, computed before the hard setting was added: the default output
+#: must stay byte-identical (the demo and the tests above rely on it). Only a pydicom upgrade
+#: that changes how it writes files may change it; then check that first, and update it.
+DEFAULT_TREE_SHA256 = "845fd89046a163a326587db468064b9eabb00cd685f39ba23e69e4ff479b20c7"
+
+
+def _default_tree_digest(root: Path) -> str:
+    m = generate_federation(
+        root, sites=4, seed=3, images_per_site=[3, 2, 4, 2], test_images=5, image_size=32
+    )
+    h = hashlib.sha256()
+    for path, data in _tree_bytes(m.root).items():
+        h.update(path.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def test_default_setting_is_byte_identical_to_before_the_hard_setting(tmp_path):
+    assert _default_tree_digest(tmp_path) == DEFAULT_TREE_SHA256
+    assert "setting" not in json.loads((tmp_path / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hard")
+    return generate_federation(
+        out, setting="hard", seed=3, images_per_site=[20, 20, 40, 20], test_images=40, image_size=32
+    )
+
+
+def _high_frequency(site_dir: Path) -> float:
+    """Mean |4-neighbour Laplacian| of the model inputs: noise and sharpness of a scanner."""
+    data = load_labelled_folder(site_dir / "dicom", site_dir / "labels.csv", input_size=32)
+    x = data.images[:, 0]
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return float(np.abs(lap).mean())
+
+
+def test_hard_setting_has_four_scanners_and_label_skew(hard):
+    assert [s.name for s in hard.sites] == ["site-1", "site-2", "site-3", "site-4"]
+    assert [s.prevalence for s in hard.sites] == [0.15, 0.35, 0.6, 0.8]
+    assert len({s.model for s in hard.sites}) == len({s.manufacturer for s in hard.sites}) == 4
+    profiles = [profile_for_site(i, "hard") for i in range(4)]
+    assert profiles == list(HARD_PROFILES)
+    # Shifts a per-image z-score does not undo: transfer curve, noise and blur all spread.
+    gammas = sorted(p.gamma for p in profiles)
+    assert gammas[-1] / gammas[0] >= 3.0
+    assert max(p.noise for p in profiles) / min(p.noise for p in profiles) >= 2.5
+    assert max(p.blur_sigma for p in profiles) - min(p.blur_sigma for p in profiles) >= 1.0
+    for site in hard.sites:
+        models = {
+            pydicom.dcmread(p, stop_before_pixels=True).ManufacturerModelName
+            for p in _files(site.dicom_dir)
+        }
+        assert models == {site.model}
+        with site.labels_csv.open(newline="") as fh:
+            labels = [int(r["label"]) for r in csv.DictReader(fh)]
+        assert sum(labels) / len(labels) == site.prevalence
+    # ... and the preprocessed images show it: the old CR plate is the noisiest by far.
+    hf = [_high_frequency(hard.root / s.name) for s in hard.sites]
+    assert hf[1] == max(hf) and hf[1] > 1.3 * min(hf)
+    data = json.loads((hard.root / "manifest.json").read_text())
+    assert data["setting"] == "hard"
+
+
+def test_hard_test_set_gives_every_scanner_an_equal_balanced_share(hard):
+    by_model: dict[str, list[int]] = {}
+    with hard.test_labels_csv.open(newline="") as fh:
+        label_of = {r["StudyInstanceUID"]: int(r["label"]) for r in csv.DictReader(fh)}
+    for path in _files(hard.test_dicom_dir):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        by_model.setdefault(str(ds.ManufacturerModelName), []).append(label_of[ds.StudyInstanceUID])
+    assert set(by_model) == {s.model for s in hard.sites}
+    for site in hard.sites:
+        labels = by_model[site.model]
+        assert len(labels) == 10  # equal shares, although site-3 is twice as large
+        assert sum(labels) == 5  # half positives, whatever the site's own positive rate
+
+
+def test_hard_setting_defaults_and_bad_arguments(tmp_path):
+    assert HARD_IMAGES_PER_SITE and len(HARD_IMAGES_PER_SITE) == len(HARD_PROFILES) == 4
+    with pytest.raises(DataError, match="has 4 scanners; ask for at most 4 sites"):
+        generate_federation(tmp_path, setting="hard", sites=5)
+    with pytest.raises(DataError, match="Unknown synthetic setting 'extreme'"):
+        generate_federation(tmp_path, setting="extreme")
+    with pytest.raises(DataError, match=r"site index 4 is outside 0\.\.3"):
+        profile_for_site(4, "hard")
+    with pytest.raises(DataError, match="Unknown synthetic setting 'soft'"):
+        profile_for_site(0, "soft")
+
+
+def test_hard_and_default_uids_never_clash(hard, tmp_path):
+    default = generate_federation(
+        tmp_path, sites=4, seed=3, images_per_site=20, test_images=40, image_size=32
+    )
+
+    def uids(root: Path) -> set[str]:
+        return {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in _files(root)
+        }
+
+    assert not uids(hard.root) & uids(default.root)

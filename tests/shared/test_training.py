@@ -156,3 +156,26 @@ def test_predict_scores_are_probabilities_in_batches() -> None:
     assert np.allclose(scores, predict_scores(model, images, batch_size=256), rtol=1e-5)
     assert model.training  # mode restored
     assert evaluate(model, images, labels).n == 10
+
+
+def test_auc_ranks_by_logits_when_confident_outputs_saturate() -> None:
+    """Logits of 40-80 all give a probability of exactly 1.0, even in float64; the AUC must
+    still see their order (a site's confident model would otherwise score AUC 0.5)."""
+    from torch import nn
+
+    from shared.training import evaluate, predict_logits, predict_scores
+
+    class Confident(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 40.0 + 40.0 * x.mean(dim=(1, 2, 3)).unsqueeze(1)
+
+    images = np.linspace(0, 1, 8, dtype=np.float32)[:, None, None, None] * np.ones(
+        (8, 1, 4, 4), np.float32
+    )
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    model = Confident()
+    assert np.all(predict_scores(model, images) == 1.0)
+    assert np.all(np.diff(predict_logits(model, images)) > 0)
+    metrics = evaluate(model, images, labels)
+    assert metrics.auc == 1.0
+    assert metrics.sensitivity == 1.0 and metrics.specificity == 0.0
