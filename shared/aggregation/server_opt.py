@@ -15,6 +15,9 @@ As in the paper there is no bias correction, and ``v`` starts at ``tau**2`` (Alg
 for ``v_{-1} >= tau**2``; we take the bound), ``m`` at zero. ``beta2`` is unused by FedAdagrad.
 ``tau`` sets the degree of adaptivity: the paper's grid is 1e-7 .. 1e-1 and 1e-3 does well
 across its tasks; ``eta`` is the server learning rate (tune it; 1e-2 .. 1 in the paper).
+Normalisation layers' running statistics (``*.running_mean``, ``*.running_var``) are not
+parameters: they take the plain average (``x + D``) and keep their ``m``, ``v`` unchanged, else
+they would lag the sites' statistics by ``eta`` a round (benchmarks/heterogeneity.py).
 
 State precision: ``m`` and ``v`` are stored as float32, one array each per tensor, the model's
 own precision, so the persisted state is twice the model's size (float64 would double that for
@@ -139,6 +142,14 @@ def initial_state(layout_or_weights: Mapping[str, Any], config: ServerOptConfig)
     )
 
 
+STATISTIC_SUFFIXES = (".running_mean", ".running_var")
+
+
+def is_statistic(name: str) -> bool:
+    """Whether ``name`` is a normalisation layer's running statistic (torch's BatchNorm)."""
+    return name.endswith(STATISTIC_SUFFIXES)
+
+
 def server_step(
     global_weights: Mapping[str, np.ndarray],
     mean_delta: Mapping[str, np.ndarray],
@@ -184,6 +195,15 @@ def server_step(
     new_m: dict[str, np.ndarray] = {}
     new_v: dict[str, np.ndarray] = {}
     for name in layout:
+        if is_statistic(name):
+            # A normalisation layer's running mean or variance estimates the data's moments;
+            # it is not a parameter the server optimiser should move by eta a round (it would
+            # lag far behind the sites' statistics). It takes the plain average, as in FedAvg.
+            x = np.asarray(global_weights[name])
+            plain = x.astype(np.float64) + np.asarray(mean_delta[name], dtype=np.float64)
+            new_weights[name] = plain.astype(x.dtype)
+            new_m[name], new_v[name] = state.m[name], state.v[name]
+            continue
         d = np.asarray(mean_delta[name], dtype=np.float64)
         d2 = d * d
         m = b1 * state.m[name].astype(np.float64) + (1.0 - b1) * d

@@ -488,3 +488,22 @@ def test_fedavg_weight_errors():
     with pytest.raises(UpdateError, match="not a positive finite number") as e:
         fedavg(TWO, [1, 0])
     assert e.value.code == "update.weight"
+
+
+@pytest.mark.parametrize("optimiser", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimisers_average_normalisation_statistics_plainly(optimiser):
+    """Running means and variances are the data's moments: they take the plain FedAvg step
+    (global + mean delta), while the layer's weights take the optimiser's step."""
+    config = ServerOptConfig(optimiser=optimiser, eta=0.01, tau=1e-3)
+    weights = {
+        "bn.weight": np.ones(3, np.float32),
+        "bn.running_mean": np.zeros(3, np.float32),
+        "bn.running_var": np.ones(3, np.float32),
+    }
+    delta = {name: np.full(3, 0.5, np.float32) for name in weights}
+    state = initial_state(weights, config)
+    new, after = server_step(weights, delta, state, config)
+    np.testing.assert_array_equal(new["bn.running_mean"], np.full(3, 0.5, np.float32))
+    np.testing.assert_array_equal(new["bn.running_var"], np.full(3, 1.5, np.float32))
+    assert np.all(np.abs(new["bn.weight"] - 1.0) < 0.5)  # an eta-sized optimiser step
+    np.testing.assert_array_equal(after.m["bn.running_var"], state.m["bn.running_var"])
