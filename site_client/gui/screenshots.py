@@ -248,6 +248,8 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         _wait(runner)
         written.append(_save(window, out_dir / "04-data-studies.png"))
         page.tabs.setCurrentIndex(2)
+        _wait(runner)  # showing a tab may refresh it in the background
+        QApplication.processEvents()  # let the charts lay out and paint their bars
         written.append(_save(window, out_dir / "05-data-summary.png"))
         page.tabs.setCurrentIndex(3)
         page.pacs.callers.setPlainText("PACS1\nCT_SCANNER_2")

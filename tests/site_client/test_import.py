@@ -519,3 +519,17 @@ def test_report_is_frozen() -> None:
     )
     with pytest.raises(AttributeError):
         report.indexed = 1  # type: ignore[misc]
+
+
+def test_sites_opened_at_once_agree_on_one_pseudonym_key(tmp_path):
+    """The app's background tasks may open a new site's index together: one key, no error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from site_client.core.intake.index import load_or_create_secret
+
+    path = tmp_path / "keys" / "pseudonym.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = list(pool.map(lambda _: load_or_create_secret(path), range(32)))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert path.read_bytes() == keys[0]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pseudonym.key"]
