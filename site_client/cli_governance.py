@@ -71,7 +71,21 @@ def add_parsers(sub: Any) -> None:
     raise_.add_argument("--reason", required=True, help="what is wrong, for the consortium lead")
     raise_.add_argument("--name", required=True, help="your name, signed with the dispute")
 
-    sub.add_parser("releases", help="model releases this site received, and its verdicts")
+    releases = sub.add_parser(
+        "releases", help="model releases this site received, and its verdicts"
+    )
+    releases_sub = releases.add_subparsers(dest="releases_command")
+    releases_sub.add_parser("list", help="every release held, with this site's verdict (default)")
+    for verb, what in (("accept", "accept"), ("refuse", "refuse")):
+        decide = releases_sub.add_parser(verb, help=f"{what} a release under your name, signed")
+        decide.add_argument("version", help="the release version, X.Y")
+        decide.add_argument("--name", required=True, help="your name, signed with the decision")
+        decide.add_argument(
+            "--reason",
+            required=verb == "refuse",
+            default="",
+            help="why; sent to the consortium lead" + (" (needed)" if verb == "refuse" else ""),
+        )
 
     activity = sub.add_parser("activity", help="everything this site did and signed")
     activity.add_argument("--json", action="store_true")
@@ -91,6 +105,8 @@ def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
     if args.command == "dispute":
         return _dispute(args, site_dir, now)
     if args.command == "releases":
+        if args.releases_command in ("accept", "refuse"):
+            return _decide_release(args, site_dir, now)
         return _releases(site_dir)
     entries = load_activity(site_dir)
     if args.json:
@@ -238,6 +254,21 @@ def _dispute(args: argparse.Namespace, site_dir: SiteDir, now: float) -> int:
         record.close()
     print(
         f"Dispute {dispute.dispute_id} raised by {dispute.person}, signed with this site's key. "
+        "It is sent to the coordinator the next time this site connects."
+    )
+    return 0
+
+
+def _decide_release(args: argparse.Namespace, site_dir: SiteDir, now: float) -> int:
+    from site_client.core.release_view import decide
+
+    accepted = args.releases_command == "accept"
+    message = decide(
+        site_dir, args.version, accepted=accepted, person=args.name, reason=args.reason, now=now
+    )
+    verb = "accepted" if accepted else "refused"
+    print(
+        f"Release {message.version} {verb} by {message.person}, signed with this site's key. "
         "It is sent to the coordinator the next time this site connects."
     )
     return 0

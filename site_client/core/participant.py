@@ -89,6 +89,8 @@ from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
 
+HEAD_ANSWER_S = 30.0  # a head request unanswered this long no longer holds back the next
+
 FATAL_CODES = {
     "identity.unknown_site",
     "crypto.bad_signature",
@@ -207,6 +209,8 @@ class Participant:
         # Models whose bytes this process hashed as they arrived: the worker need not again.
         self._verified: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._head_asked: float | None = None  # when the head request in flight was sent
+        self._head_again = False  # another head was wanted while one was in flight
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
         self._downloads: dict[
@@ -234,6 +238,10 @@ class Participant:
                 self._training.cancel()
             if self._validating is not None and not self._validating.done():
                 self._validating.cancel()
+            for task in list(self._tasks):  # e.g. a release's acceptance validation
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.trainer.close()
             self.governance.record.close()
 
@@ -280,6 +288,7 @@ class Participant:
         ) as ws:
             self._ws = ws
             self._session = SiteSession(limits=self.limits)
+            self._head_asked, self._head_again = None, False
             self._downloads.clear()
             self._uploads.clear()
             try:
@@ -365,7 +374,7 @@ class Participant:
         elif isinstance(msg, Welcome):
             self.on_status(f"connected to {msg.federation} as {msg.site_name}")
             self._phase("connected", federation=msg.federation, site_name=msg.site_name)
-            session.send(self.governance.head_request())
+            self._ask_head()
             if self.share_summary:
                 self._share_summary()
         elif isinstance(msg, GovernanceNotice):
@@ -389,7 +398,7 @@ class Participant:
             self._finished = msg
             self.on_status(f"run {msg.run_id} finished after {msg.rounds} rounds")
             self._phase("finished", msg.run_id, msg.rounds)
-            session.send(self.governance.head_request())
+            self._ask_head()
             if not self._fetch_final(msg) and self.exit_when_done:
                 session.close("site.done", "the run is finished")
         elif isinstance(msg, ErrorMessage):
@@ -466,7 +475,7 @@ class Participant:
         if refusal is not None:  # never trains for a plan this site has not approved
             self._decline(msg, *refusal)
             return
-        self._session.send(self.governance.head_request())  # the last round closed: a new head
+        self._ask_head()  # the last round closed: a new head
         timer = self._round_clock(msg, started)
         timer.add("verify", self.clock() - started)
         self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
@@ -716,7 +725,20 @@ class Participant:
                     "site ('tessera-site plan show', then 'plan approve' or 'plan refuse')"
                 )
 
+    def _ask_head(self) -> None:
+        """Ask for the latest head, one request in flight at a time: each answer's
+        consistency proof starts at the head the request named, so two answers to requests
+        made from the same old head would make the second look like a rewritten history."""
+        now = time.monotonic()
+        if self._head_asked is not None and now - self._head_asked < HEAD_ANSWER_S:
+            self._head_again = True
+            return
+        self._head_asked, self._head_again = now, False
+        assert self._session is not None
+        self._session.send(self.governance.head_request())
+
     def _on_head(self, msg: HeadUpdate) -> None:
+        self._head_asked = None
         try:
             proven = self.governance.on_head_update(msg, time.time())
         except ProvenanceError as exc:
@@ -725,6 +747,8 @@ class Participant:
             raise ConnectionFailed(exc.message, code=exc.code) from exc
         if proven:
             self.on_status(f"{proven} of this site's updates verified in the coordinator's log")
+        if self._head_again:
+            self._ask_head()
 
     async def _validate(
         self, run_id: str, rnd: int, plan: dict[str, Any], model_path: Path

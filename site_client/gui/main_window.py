@@ -5,10 +5,11 @@ The status bar has three parts, each bound to one source: the connection to the 
 (``site_client.core.status``; a coloured dot and words, with the details in its tooltip),
 what the site is doing (the task runner's ``activity_changed``, with a small progress bar),
 and the PACS receiver (the Data page's PACS tab). Pages are reached with the mouse, the
-arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ... The Governance and Activity pages read their
-records again each time they are shown (the participant adds offers and events to them in the
-background). The connection part follows the Participation page's service; when no task of
-the runner is running, the activity part says what the participant is doing.
+arrow keys in the sidebar, or Ctrl+1, Ctrl+2, ... The Governance, Models and Activity pages
+read their records again each time they are shown (the participant adds offers, releases and
+events to them in the background). The connection part follows the Participation page's
+service; when no task of the runner is running, the activity part says what the participant
+is doing.
 
 Closing the window while the site takes part asks whether to keep taking part or stop.
 "Keep taking part" minimises the window instead of closing it: training goes on and the
@@ -40,6 +41,7 @@ from site_client.core.status import Connection, connection_text
 from site_client.gui.pages.activity import ActivityPage
 from site_client.gui.pages.data import DataPage
 from site_client.gui.pages.governance import GovernancePage
+from site_client.gui.pages.models import ModelsPage
 from site_client.gui.pages.participation import ParticipationPage
 from site_client.gui.pages.site import SitePage
 from site_client.gui.style import ERROR, IDLE, OK, WAITING, dot
@@ -76,6 +78,7 @@ class MainWindow(QMainWindow):
         self.data_page = DataPage(site_dir, runner)
         self.governance_page = GovernancePage(site_dir, runner)
         self.participation_page = ParticipationPage(site_dir, runner, participation)
+        self.models_page = ModelsPage(site_dir, runner)
         self.activity_page = ActivityPage(site_dir, runner)
         self.close_box: QMessageBox | None = None
         self.site_page = SitePage(site_dir, config)
@@ -92,6 +95,12 @@ class MainWindow(QMainWindow):
                 self.participation_page,
                 "Taking part in training: the connection, the current round, what this site is "
                 "doing, and how the shared model does on this hospital's images.",
+            ),
+            (
+                "Models",
+                self.models_page,
+                "The models the federation released to this hospital: their model cards, how "
+                "they did on this hospital's patients, accept or refuse, and predictions.",
             ),
             (
                 "Activity",
@@ -161,7 +170,7 @@ class MainWindow(QMainWindow):
     def _page_changed(self, i: int) -> None:
         self.stack.setCurrentIndex(i)
         page = self.stack.widget(i)
-        if page is self.governance_page or page is self.activity_page:
+        if page in (self.governance_page, self.models_page, self.activity_page):
             page.refresh()
 
     def set_connection(self, state: Connection) -> None:

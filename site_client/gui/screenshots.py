@@ -147,6 +147,34 @@ def _demo_offers(site_dir: SiteDir, coordinator: Ed25519PrivateKey) -> list[str]
         governance.close()
 
 
+def _demo_release_received(site_dir: SiteDir, coordinator: Ed25519PrivateKey) -> None:
+    """A release of the first demo plan, kept and automatically accepted as the participant
+    does with a real one (verified, then a signed verdict with the site's validation)."""
+    from shared.crypto.keys import load_private_key
+    from shared.releases import verify_release
+    from site_client.core.governance_link import GovernanceLink
+    from site_client.core.releases import acceptance, release_dir
+    from site_client.gui.demo_release import write_demo_release
+
+    plan = demo_plan(rounds=5, name="chest-xray v1", quorum=2, min_sites=3)
+    folder = write_demo_release(
+        release_dir(site_dir, "1.0"),
+        key=coordinator,
+        federation=DEMO_FEDERATION,
+        plan=plan,
+        charter=DEMO_CHARTER,
+    )
+    metrics = {"auc": 0.86, "accuracy": 0.79, "sensitivity": 0.76}
+    metrics |= {"specificity": 0.82, "loss": 0.44, "n": 12}
+    governance = open_governance(site_dir)
+    try:
+        link = GovernanceLink(governance, site_dir.load(), load_private_key(site_dir.key_file))
+        verified = verify_release(folder, site_dir.load().coordinator_key)
+        acceptance(link, verified, metrics, time.time())
+    finally:
+        governance.close()
+
+
 def demo_snapshot(privacy_cap: float | None = None) -> Snapshot:
     """A run of 10 rounds at round 4, as the participant's phase events record it."""
     from site_client.core.participation import PrivacyBudget
@@ -233,6 +261,7 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         site_dir.save(_demo_config(public_key_b64(coordinator)))
         save_private_key(generate_signing_key(), site_dir.key_file)
         first_plan, second_plan = _demo_offers(site_dir, coordinator)
+        _demo_release_received(site_dir, coordinator)
         window = MainWindow(site_dir, site_dir.load(), runner)
         window.resize(*SIZE)
         window.show()
@@ -297,10 +326,24 @@ def render_screenshots(out_dir: Path, *, seed: int = 7) -> list[Path]:
         window.participation_page.snapshot_changed.emit(demo_snapshot())  # as the service does
         written.append(_save(window, out_dir / "10-participation.png"))
         window.show_page(3)
+        models = window.models_page
         _wait(runner)
-        written.append(_save(window, out_dir / "11-activity.png"))
+        models.person.setText("Dr. Ada Byron")
+        models.tabs.setCurrentIndex(0)
+        written.append(_save(window, out_dir / "11-models-card.png"))
+        models.tabs.setCurrentIndex(1)
+        models.predict.use_folder.setChecked(True)
+        models.predict.folder.setText(str(export / "scanner-b"))
+        models.predict.start()
+        _wait(runner)
+        if models.predict.report is None or not models.predict.report.predicted:
+            raise RuntimeError("the demo predictions were not made")
+        written.append(_save(window, out_dir / "12-models-predictions.png"))
         window.show_page(4)
-        written.append(_save(window, out_dir / "12-this-site.png"))
+        _wait(runner)
+        written.append(_save(window, out_dir / "13-activity.png"))
+        window.show_page(5)
+        written.append(_save(window, out_dir / "14-this-site.png"))
         window.close()
     if errors.last is not None:  # a page would show an error instead of the demo data
         raise RuntimeError(f"the demo failed: {errors.last.title}: {errors.last.text}")

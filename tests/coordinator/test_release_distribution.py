@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from coordinator.export import export_run
 from coordinator.release import acceptances, make_release, release_files
 from shared import releases as layout
 from shared.errors import ReleaseError
@@ -26,6 +27,7 @@ from shared.tensors import encode_tensors
 from site_client.core import releases as site_releases
 from site_client.core.governance import SiteGovernance
 from site_client.core.governance_link import GovernanceLink
+from site_client.core.release_view import decide
 from tests.coordinator.test_server import (  # a running coordinator and the rogue site
     Joined,
     enrol_site,
@@ -119,6 +121,24 @@ async def test_a_release_reaches_only_participants_and_its_acceptance_is_logged(
         assert event["detail"]["site_id"] == site.site_id and event["detail"]["accepted"] is True
         ((row),) = acceptances(fed.store)
         assert (row["version"], row["accepted"], row["metrics"]["auc"]) == ("1.0", True, 0.8)
+        # Later a person at the site refuses it (the app's or the CLI's path): the signed
+        # refusal replaces the automatic verdict in the coordinator's record and report.
+        refusal = decide(
+            site.site_dir, "1.0", accepted=False, person="Dr. Byron", reason="too weak here"
+        )
+        await conn.send(refusal)
+        for _ in range(50):
+            if len(fed.store.events("release_accepted")) == 2:
+                break
+            await __import__("asyncio").sleep(0.05)
+        ((row),) = acceptances(fed.store)
+        assert (row["accepted"], row["reason"], row["person"]) == (
+            False,
+            "too weak here",
+            "Dr. Byron",
+        )
+        report = (export_run(fed, run_id, tmp_path / "bundle").out / "report.html").read_text()
+        assert "too weak here" in report and "Dr. Byron" in report
         # A forged acceptance (the outsider signing for the release) is refused.
         await other.send(site_releases.acceptance(_link(outsider), verified, metrics, 6002.0))
         assert (await other.expect(ErrorMessage)).code == "release.not_participant"

@@ -15,9 +15,13 @@ import pytest
 from coordinator.export import export_run
 from coordinator.federation import Federation
 from coordinator.localrun import LocalFederation, free_port
+from coordinator.release import acceptances, make_release
 from shared.plan import demo_plan
 from shared.provenance.bundle import verify_bundle
+from shared.releases import verify_release
 from shared.synthetic import generate_federation
+from site_client.core.config import SiteDir
+from site_client.core.releases import AUTOMATIC, release_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -186,3 +190,33 @@ def test_fedadam_keeps_its_server_state_across_rounds(launcher: LocalFederation)
     states = [r["opt_state"] for r in rounds]
     assert all(states) and states[0] != states[1]
     assert all(fed.blobs.has(d) for d in states)
+
+
+def test_a_release_reaches_the_sites_which_check_validate_and_accept_it(
+    launcher: LocalFederation,
+) -> None:
+    manifest = _data(launcher.root, 2)
+    fed = launcher.init()
+    launcher.start_coordinator()
+    for s in manifest.sites:
+        launcher.enrol_site(fed, s.name, s.dicom_dir, s.labels_csv)
+    plan = demo_plan(rounds=1, quorum=2, min_sites=2, round_deadline_s=90, **TINY)
+    run_id = launcher.start_run(fed, plan)
+    for site in launcher.sites:
+        launcher.start_site(site)
+    launcher.wait_sites(timeout=180)
+    assert fed.store.run(run_id).status == "finished"
+
+    # The consortium lead releases the run; the sites learn of it when they next connect.
+    release = make_release(fed, run_id, "1.0")
+    for site in launcher.sites:
+        launcher.start_site(site, exit_when_done=False)
+    _wait(lambda: len(acceptances(fed.store)) == 2, 120, "both sites' verdicts")
+    for row in acceptances(fed.store):
+        assert row["version"] == "1.0" and row["accepted"] is True
+        assert row["person"] == AUTOMATIC and row["metrics"]["n"] > 0  # validated on site
+    for site in launcher.sites:
+        folder = release_dir(SiteDir(site.data_dir), "1.0")
+        config = SiteDir(site.data_dir).load()
+        assert verify_release(folder, config.coordinator_key).head.size == release.head.size
+        assert "verified and kept" in _log(site)

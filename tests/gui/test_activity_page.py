@@ -92,7 +92,7 @@ def test_the_main_window_has_both_pages(qtbot, runner: TaskRunner, governed_site
     qtbot.addWidget(window)
     window.show()
     titles = [window.sidebar.item(i).text() for i in range(window.sidebar.count())]
-    assert titles == ["Data", "Governance", "Participation", "Activity", "This site"]
+    assert titles == ["Data", "Governance", "Participation", "Models", "Activity", "This site"]
     assert all(window.sidebar.item(i).toolTip() for i in range(window.sidebar.count()))
     assert window.sidebar.item(1).toolTip().endswith("(Ctrl+2)")
     # each page reads its record when it is shown
@@ -101,7 +101,7 @@ def test_the_main_window_has_both_pages(qtbot, runner: TaskRunner, governed_site
     assert isinstance(window.stack.currentWidget(), GovernancePage)
     assert window.governance_page.view.charter.version == 1
     with qtbot.waitSignal(window.activity_page.loaded, timeout=WAIT_MS):
-        window.show_page(3)
+        window.show_page(4)
     assert window.stack.currentWidget() is window.activity_page
     assert len(window.activity_page.entries) == 2  # the charter and the plan offered
     runner.wait_idle(10)

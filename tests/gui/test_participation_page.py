@@ -62,7 +62,7 @@ def test_two_real_rounds_move_the_page_and_closing_asks_first(
 
 def _two_rounds_then_close(qtbot, window: MainWindow, service, run_id: str) -> None:
     titles = [window.sidebar.item(i).text() for i in range(window.sidebar.count())]
-    assert titles == ["Data", "Governance", "Participation", "Activity", "This site"]
+    assert titles == ["Data", "Governance", "Participation", "Models", "Activity", "This site"]
     window.show_page(2)
     page = window.participation_page
     assert window.stack.currentWidget() is page

@@ -43,8 +43,10 @@ def test_screenshots_of_every_page_with_data(qapp, tmp_path: Path, capsys) -> No
         "08-governance-plans.png",
         "09-governance-policy.png",
         "10-participation.png",
-        "11-activity.png",
-        "12-this-site.png",
+        "11-models-card.png",
+        "12-models-predictions.png",
+        "13-activity.png",
+        "14-this-site.png",
     ]
     assert capsys.readouterr().out.split() == [str(f) for f in files]
     for f in files:

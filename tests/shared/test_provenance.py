@@ -548,6 +548,25 @@ def test_honest_rounds_are_accepted_and_contributions_found():
     witness.check_inclusion(enrolment, log.inclusion(enrolment.index, 6), witness.heads[1])
 
 
+def test_a_repeated_answer_for_the_same_tree_is_accepted_whatever_its_proof():
+    """Two head requests sent from the same old head get two answers with the same proof;
+    the second arrives when the witness already holds that tree: nothing changed."""
+    log = build_log()
+    witness = observed_witness(log, size=6)
+    head = log.head(COORDINATOR, now=2.0, size=10)
+    witness.observe(head, log.consistency(6, 10))
+    again = log.head(COORDINATOR, now=3.0, size=10)
+    witness.observe(again, log.consistency(6, 10))  # a proof from 6, as asked
+    assert [h.size for h in witness.heads] == [6, 10] and witness.head == again
+    # a different tree of the same size is still caught
+    events = list(EVENTS)
+    events[8] = ("plan.approved", {"site": "haukeland", "plan_hash": "99" * 32})
+    forged = rebuilt_with(events).head(COORDINATOR, now=4.0, size=10)
+    with pytest.raises(ProvenanceError) as exc:
+        witness.observe(forged, log.consistency(6, 10))
+    assert exc.value.code == "provenance.rewritten"
+
+
 def test_a_rewritten_earlier_entry_is_caught_by_the_consistency_check():
     """The bar of the issue: rewriting history that a site saw cannot go unnoticed."""
     honest = build_log()
