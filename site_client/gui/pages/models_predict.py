@@ -273,7 +273,9 @@ class PredictPanel(QWidget):
                 item = QTableWidgetItem(text)
                 item.setToolTip(text)
                 if column in (1, 2):
-                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
                 self.table.setItem(row, column, item)
         self.export_button.setEnabled(report.csv is not None)
         colour = WAITING if report.cancelled or report.refused else OK
