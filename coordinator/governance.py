@@ -169,7 +169,10 @@ def head_update(fed: Federation, site_id: str, request: HeadRequest) -> HeadUpda
             proof = log.inclusion(entry.index, head.size)
             inclusions.append({"entry": entry.to_dict(), "proof": [h.hex() for h in proof]})
     return HeadUpdate(
-        head=head.to_dict(), consistency=[h.hex() for h in consistency], inclusions=inclusions
+        head=head.to_dict(),
+        known_size=known,
+        consistency=[h.hex() for h in consistency],
+        inclusions=inclusions,
     )
 
 

@@ -528,14 +528,18 @@ class HeadRequest(Message):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HeadUpdate(Message):
-    """The latest signed tree head with the proofs a ``HeadRequest`` asked for (hex hashes)."""
+    """The latest signed tree head with the proofs a ``HeadRequest`` asked for (hex hashes).
+    ``known_size`` is the size the consistency proof starts from (the request's, at most the
+    head's): a site with several requests in flight tells which answer fits the head it holds."""
 
     TYPE: ClassVar[str] = "head_update"
     head: dict[str, Any]  # TreeHead.to_dict()
+    known_size: int
     consistency: list[str]
     inclusions: list[dict[str, Any]]  # {entry: LogEntry.to_dict(), proof: [hex]}
 
     def __post_init__(self) -> None:
+        _check(self.known_size >= 0, "head_update.known_size must be >= 0")
         _check(len(self.consistency) <= 128, "head_update.consistency is too long")
         _check(len(self.inclusions) <= 256, "head_update.inclusions has too many proofs")
         for item in self.inclusions:

@@ -288,9 +288,10 @@ class GovernanceLink:
             updates=[{"run_id": u["run_id"], "round": u["round"]} for u in self._unverified()],
         )
 
-    def on_head_update(self, msg: HeadUpdate, now: float) -> int:
+    def on_head_update(self, msg: HeadUpdate, now: float) -> int | None:
         """Accept the new head or raise ``ProvenanceError``; returns how many of this site's
-        updates were newly proven to be in the log as sent."""
+        updates were newly proven to be in the log as sent, or ``None`` for the answer to an
+        older request whose proof starts before the head this site now holds (ask again)."""
         witness = self.record.witness()
         try:
             head = TreeHead.from_dict(msg.head)
@@ -299,6 +300,13 @@ class GovernanceLink:
                 f"The coordinator sent a damaged tree head: {exc}",
                 code="provenance.bad_head",
             ) from exc
+        last = witness.head
+        if (
+            last is not None
+            and msg.known_size != last.size
+            and (head.size, head.root) != (last.size, last.root)
+        ):
+            return None
         witness.observe(head, [bytes.fromhex(h) for h in msg.consistency])
         self.record.save_witness(witness, now)
         expected = {(u["run_id"], u["round"]): u for u in self._unverified()}

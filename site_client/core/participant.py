@@ -89,8 +89,6 @@ from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
 
-HEAD_ANSWER_S = 30.0  # a head request unanswered this long no longer holds back the next
-
 FATAL_CODES = {
     "identity.unknown_site",
     "crypto.bad_signature",
@@ -209,8 +207,6 @@ class Participant:
         # Models whose bytes this process hashed as they arrived: the worker need not again.
         self._verified: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._head_asked: float | None = None  # when the head request in flight was sent
-        self._head_again = False  # another head was wanted while one was in flight
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
         self._downloads: dict[
@@ -288,7 +284,6 @@ class Participant:
         ) as ws:
             self._ws = ws
             self._session = SiteSession(limits=self.limits)
-            self._head_asked, self._head_again = None, False
             self._downloads.clear()
             self._uploads.clear()
             try:
@@ -726,29 +721,22 @@ class Participant:
                 )
 
     def _ask_head(self) -> None:
-        """Ask for the latest head, one request in flight at a time: each answer's
-        consistency proof starts at the head the request named, so two answers to requests
-        made from the same old head would make the second look like a rewritten history."""
-        now = time.monotonic()
-        if self._head_asked is not None and now - self._head_asked < HEAD_ANSWER_S:
-            self._head_again = True
-            return
-        self._head_asked, self._head_again = now, False
+        """Ask for the latest signed head, a proof that it extends the one this site holds
+        and proofs of this site's updates in it."""
         assert self._session is not None
         self._session.send(self.governance.head_request())
 
     def _on_head(self, msg: HeadUpdate) -> None:
-        self._head_asked = None
         try:
             proven = self.governance.on_head_update(msg, time.time())
         except ProvenanceError as exc:
             self.on_status(f"ALERT: {exc}")
             self.governance.record.note("history_rewritten", time.time(), code=exc.code)
             raise ConnectionFailed(exc.message, code=exc.code) from exc
-        if proven:
-            self.on_status(f"{proven} of this site's updates verified in the coordinator's log")
-        if self._head_again:
+        if proven is None:  # it answered an earlier request, from an older head
             self._ask_head()
+        elif proven:
+            self.on_status(f"{proven} of this site's updates verified in the coordinator's log")
 
     async def _validate(
         self, run_id: str, rnd: int, plan: dict[str, Any], model_path: Path

@@ -228,6 +228,7 @@ STRATEGIES[HeadRequest] = st.builds(
 STRATEGIES[HeadUpdate] = st.builds(
     HeadUpdate,
     head=st.dictionaries(texts, json_values, max_size=3),
+    known_size=st.integers(0, 1 << 40),
     consistency=st.lists(hex64, max_size=4),
     inclusions=st.lists(
         st.fixed_dictionaries(

@@ -158,3 +158,20 @@ def test_the_site_proves_its_updates_and_catches_a_rewritten_history(world, tmp_
         link.on_head_update(governance.head_update(fed, site_id, link.head_request()), 60.0)
     assert info.value.code == "provenance.rewritten"
     rewritten.close()
+
+
+def test_answers_to_requests_from_an_older_head_are_not_taken_for_a_rewrite(world):
+    """A site sends a head request on connecting and another when a run ends: both name the
+    head it held then, and their answers arrive after it moved on."""
+    fed, site_id, link = world
+    run = fed.start_run(fed.add_plan(demo_plan(), now=5.0), now=6.0)
+    _contribute(fed, site_id, link, run, 1, now=10.0)
+    first, second = link.head_request(), link.head_request()
+    assert link.on_head_update(governance.head_update(fed, site_id, first), now=20.0) == 1
+    # the same tree again, with a proof from the old size: accepted as it is
+    assert link.on_head_update(governance.head_update(fed, site_id, second), now=21.0) == 0
+    _contribute(fed, site_id, link, run, 2, now=30.0)
+    # a newer head with a proof from the old size cannot be checked: ask again
+    late = governance.head_update(fed, site_id, second)
+    assert late.known_size == 0 and link.on_head_update(late, now=40.0) is None
+    assert link.on_head_update(governance.head_update(fed, site_id, link.head_request()), 41) == 1
