@@ -1,8 +1,9 @@
 """Qt item models over the core's plain rows: the study table and the list of unusable files.
 
 The models only adapt: ``StudyRow.texts()`` is what a cell shows, ``StudyFilter.accepts`` is
-the filter (in ``site_client.core.studies``), and sorting uses :data:`SORT_ROLE`, which gives
-numbers for counts and sizes so that 10 sorts after 9.
+the filter (in ``site_client.core.studies``), and sorting (done by the table model, one keyed
+sort) uses the values :data:`SORT_ROLE` gives, numbers for counts and sizes so that 10 sorts
+after 9.
 """
 
 from __future__ import annotations
@@ -53,14 +54,44 @@ def _sort_value(row: StudyRow, column: int) -> Any:
 
 
 class StudyTableModel(QAbstractTableModel):
+    """The studies, kept in the table's sort order: sorting here is one Python ``sorted``
+    with a key, where a proxy's ``lessThan`` would call back into Python for every
+    comparison (tens of thousands for a few thousand studies, felt as a frozen window)."""
+
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
         self._rows: tuple[StudyRow, ...] = ()
+        self._order: tuple[int, Qt.SortOrder] | None = None
+
+    def _sorted(self, rows: Sequence[StudyRow]) -> tuple[StudyRow, ...]:
+        if self._order is None:
+            return tuple(rows)
+        column, order = self._order
+        return tuple(
+            sorted(
+                rows,
+                key=lambda r: (_sort_value(r, column), r.key),  # ties: by study key
+                reverse=order == Qt.SortOrder.DescendingOrder,
+            )
+        )
 
     def set_rows(self, rows: Sequence[StudyRow]) -> None:
         self.beginResetModel()
-        self._rows = tuple(rows)
+        self._rows = self._sorted(rows)
         self.endResetModel()
+
+    def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
+        if not 0 <= column < len(STUDY_COLUMNS):
+            return
+        self.layoutAboutToBeChanged.emit()
+        self._order = (column, order)
+        before = self.persistentIndexList()
+        held = [self._rows[i.row()] for i in before]
+        self._rows = self._sorted(self._rows)
+        where = {id(r): n for n, r in enumerate(self._rows)}
+        after = [self.index(where[id(r)], i.column()) for r, i in zip(held, before, strict=True)]
+        self.changePersistentIndexList(before, after)
+        self.layoutChanged.emit()
 
     def row_at(self, row: int) -> StudyRow:
         return self._rows[row]
@@ -101,12 +132,12 @@ class StudyTableModel(QAbstractTableModel):
 
 
 class StudyFilterProxy(QSortFilterProxyModel):
-    """Sorting by :data:`SORT_ROLE` and filtering by a core :class:`StudyFilter`."""
+    """Filtering by a core :class:`StudyFilter`; sorting is the source model's (the proxy
+    keeps its order), which the view asks for through :meth:`sort`."""
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
         self._filter = StudyFilter()
-        self.setSortRole(SORT_ROLE)
 
     @property
     def study_filter(self) -> StudyFilter:
@@ -123,11 +154,10 @@ class StudyFilterProxy(QSortFilterProxyModel):
             return True
         return self._filter.accepts(model.row_at(source_row))
 
-    def lessThan(self, left: Index, right: Index) -> bool:
-        a, b = left.data(SORT_ROLE), right.data(SORT_ROLE)
-        if a == b:  # a stable, total order: ties broken by study key
-            return str(left.siblingAtColumn(0).data()) < str(right.siblingAtColumn(0).data())
-        return bool(a < b)
+    def sort(self, column: int, order: Qt.SortOrder = Qt.SortOrder.AscendingOrder) -> None:
+        model = self.sourceModel()
+        if isinstance(model, StudyTableModel):
+            model.sort(column, order)
 
     def row_at(self, proxy_row: int) -> StudyRow:
         return self.index(proxy_row, 0).data(ROW_ROLE)

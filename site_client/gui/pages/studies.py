@@ -34,7 +34,7 @@ from PySide6.QtWidgets import (
 from site_client.core.preview import PreviewImage, load_preview, render
 from site_client.core.studies import LabelChoice, StudyFilter, StudyRow
 from site_client.gui.errors import describe_error
-from site_client.gui.models import StudyFilterProxy, StudyTableModel
+from site_client.gui.models import STUDY_COLUMNS, StudyFilterProxy, StudyTableModel
 from site_client.gui.style import ERROR, set_message
 from site_client.gui.tasks import Task, TaskRunner
 
@@ -254,13 +254,23 @@ class StudiesPanel(QWidget):
         first = self.model.rowCount() == 0
         self.model.set_rows(rows)
         if first and rows:
-            self.table.resizeColumnsToContents()
+            self._fit_columns(rows)
         if selected is not None:
             for proxy_row in range(self.proxy.rowCount()):
                 if self.proxy.row_at(proxy_row).study_uid == selected.study_uid:
                     self.table.selectRow(proxy_row)
                     break
         self._update_count()
+
+    def _fit_columns(self, rows: Sequence[StudyRow], sample: int = 50) -> None:
+        """Column widths from the titles and the first rows. Qt's resizeColumnsToContents
+        measures every cell through Python, which holds the window still for most of a
+        second with thousands of studies (benchmarks/gui_latency.py)."""
+        metrics = self.table.fontMetrics()
+        texts = [r.texts() for r in rows[:sample]]
+        for column, (title, _) in enumerate(STUDY_COLUMNS):
+            widest = max(metrics.horizontalAdvance(t) for t in [title, *(r[column] for r in texts)])
+            self.table.setColumnWidth(column, widest + 24)
 
     def set_filter(self, text: str, label: LabelChoice = LabelChoice.ANY) -> None:
         self.filter_edit.setText(text)
