@@ -52,8 +52,10 @@ __all__ = [
     "timeline",
 ]
 
-#: Kinds that a person here signed with the site key.
-SIGNED_KINDS = frozenset({"charter_accepted", "plan_approved", "plan_refused"})
+#: Kinds that a person here signed with the site key (a release verdict too, when a person
+#: and not the automatic check gave it).
+SIGNED_KINDS = frozenset({"charter_accepted", "plan_approved", "plan_refused", "dispute_raised"})
+AUTOMATIC_SUFFIX = "(automatic)"  # how automatic verdicts and refusals name their signer
 #: The columns of an export, in order.
 EXPORT_FIELDS = ("time", "kind", "what", "person", "signed", "details")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -176,8 +178,79 @@ def describe(
             f"Checked the coordinator's log of events ({detail.get('size')} entries): it "
             "extends what this site saw before, nothing was rewritten"
         )
+    text = _round_sentence(kind, detail) or _release_sentence(kind, detail)
+    if text:
+        return text
     words = kind.replace("_", " ").strip().capitalize() or "Event"
     return f"{words}: {_details_text(detail)}" if detail else words
+
+
+def _auc(metrics: Any) -> str:
+    auc = metrics.get("auc") if isinstance(metrics, Mapping) else None
+    return f"AUC {auc:.3f}" if isinstance(auc, int | float) else "AUC not defined"
+
+
+def _round_sentence(kind: str, d: Mapping[str, Any]) -> str:
+    """Training, validation and the log's proofs, in words (no digests or signatures)."""
+    where = f"round {d.get('round')} of run {d.get('run_id')}"
+    if kind == "update_accepted":
+        return (
+            f"This site's model update for {where} ({d.get('num_samples')} training images) "
+            "was signed and accepted by the coordinator; no image left the site"
+        )
+    if kind == "validation_reported":
+        n = d.get("metrics", {}).get("n") if isinstance(d.get("metrics"), Mapping) else None
+        return (
+            f"Checked the shared model of {where} on {n} held-out image(s) of this site "
+            f"({_auc(d.get('metrics'))}) and sent the figures only"
+        )
+    if kind == "contribution_verified":
+        return (
+            f"Found this site's update for {where} in the coordinator's log as it was sent "
+            f"(entry {d.get('index')} of {d.get('tree_size')})"
+        )
+    if kind == "training_images":
+        return f"This site has {d.get('num_samples')} image(s) for training"
+    if kind == "privacy_spent":
+        return f"Spent privacy budget on {where} (noise multiplier {d.get('noise_multiplier')})"
+    if kind == "plan_unrunnable":
+        return f"Plan {_short(d.get('plan_hash'))} cannot run here: {d.get('reason')}"
+    if kind == "history_rewritten":
+        return (
+            "ALERT: the coordinator's log no longer continues what this site saw before "
+            f"({d.get('code')}); this site stopped taking part"
+        )
+    if kind == "site_withdrew":
+        reason = str(d.get("reason") or "").strip()
+        return f"{_who(d)} withdrew this site from run {d.get('run_id') or '-'}" + (
+            f": {reason}" if reason else ""
+        )
+    return ""
+
+
+def _release_sentence(kind: str, d: Mapping[str, Any]) -> str:
+    if kind == "release_received":
+        return (
+            f"Received model release {d.get('version')} of run {d.get('run_id')}; its "
+            "signatures, weights and place in the federation's log checked out"
+        )
+    if kind == "release_rejected":
+        return f"Refused model release {d.get('version')}: {d.get('reason')}"
+    if kind == "release_reported":
+        verdict = "accepted" if d.get("accepted") else "refused"
+        reason = str(d.get("reason") or "").strip()
+        return (
+            f"{_who(d)} {verdict} model release {d.get('version')} "
+            f"({_auc(d.get('metrics'))} on this site's held-out images)"
+            + (f": {reason}" if reason else "")
+        )
+    if kind == "dispute_raised":
+        about = d.get("release") or (f"round {d.get('round')}" if d.get("round") else "")
+        return (
+            f"{_who(d)} raised a dispute on {d.get('subject')} {about} of run "
+            f"{d.get('run_id')}: {d.get('reason')}"
+        ).replace("  ", " ")
+    return ""
 
 
 def import_entry(run: ImportRun) -> ActivityEntry:
@@ -221,7 +294,11 @@ def timeline(
             kind=kind,
             text=describe(kind, detail, names),
             person=str(detail.get("person") or ""),
-            signed=kind in SIGNED_KINDS,
+            signed=kind in SIGNED_KINDS
+            or (
+                kind == "release_reported"
+                and not str(detail.get("person", "")).endswith(AUTOMATIC_SUFFIX)
+            ),
             details=detail,
         )
         entries.append((entry.at, seq, entry))

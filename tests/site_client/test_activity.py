@@ -64,8 +64,19 @@ def test_each_kind_in_plain_words() -> None:
         "Checked the coordinator's log of events (42 entries)"
     )
     # a kind this version does not know is still shown, with its facts
-    assert describe("validation_reported", {"round": 3, "auc": 0.91}) == (
-        "Validation reported: auc 0.91, round 3"
+    # a kind written by a later version: its facts, plainly
+    assert describe("future_kind", {"round": 3, "auc": 0.91}) == "Future kind: auc 0.91, round 3"
+    metrics = {"auc": 0.91, "n": 12}
+    assert describe("validation_reported", {"round": 3, "run_id": "r-1", "metrics": metrics}) == (
+        "Checked the shared model of round 3 of run r-1 on 12 held-out image(s) of this site "
+        "(AUC 0.910) and sent the figures only"
+    )
+    assert describe("update_accepted", {"round": 1, "run_id": "r-1", "num_samples": 40}) == (
+        "This site's model update for round 1 of run r-1 (40 training images) was signed and "
+        "accepted by the coordinator; no image left the site"
+    )
+    assert describe("site_withdrew", {"person": "Dr. B", "reason": "audit", "run_id": "r-1"}) == (
+        "Dr. B withdrew this site from run r-1: audit"
     )
 
 

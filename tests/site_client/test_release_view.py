@@ -151,3 +151,18 @@ def test_the_command_line_refuses_and_lists(held, capsys):
     assert "refused: too weak, AUC here 0.875" in capsys.readouterr().out
     assert main([*data, "releases", "accept", "1.0", "--name", "Dr. Byron"]) == 0
     assert _verdicts(held.site_dir)[0]["1.0"].accepted
+
+
+def test_the_activity_timeline_tells_release_verdicts_in_words(held):
+    from site_client.core.activity import load_activity
+
+    decide(held.site_dir, "1.0", accepted=False, person="Dr. Byron", reason="too weak here")
+    entries = [e for e in load_activity(held.site_dir) if e.kind == "release_reported"]
+    refusal, automatic = entries  # newest first
+    assert refusal.text == (
+        "Dr. Byron refused model release 1.0 (AUC 0.875 on this site's held-out images): "
+        "too weak here"
+    )
+    assert refusal.signed and not automatic.signed  # a person signed only the refusal
+    assert automatic.text.startswith(f"{AUTOMATIC} accepted model release 1.0")
+    assert all("signature" not in e.text for e in entries)
