@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from shared.crypto.keys import load_private_key
 from shared.errors import DataError, GovernanceError, TesseraError
-from shared.protocol.messages import ReleaseAcceptance
+from shared.protocol.messages import Dispute, ReleaseAcceptance
 from shared.releases import VerifiedRelease, verify_release
 from site_client.core.activity import open_governance
 from site_client.core.config import SiteDir
-from site_client.core.governance_link import GovernanceLink
+from site_client.core.governance_link import GovernanceLink, raise_dispute
 from site_client.core.releases import AUTOMATIC, acceptance, held, release_dir, verdicts
 
 if TYPE_CHECKING:  # the model code (torch) is imported only when predicting
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the model code (torch) is imported only when predicting
 __all__ = [
     "ReleaseSummary",
     "decide",
+    "dispute_release",
     "load_release_summaries",
     "predict_with_release",
     "prediction_folder",
@@ -182,6 +183,39 @@ def decide(
             accepted=accepted,
             reason=reason,
             person=person,
+        )
+    finally:
+        record.close()
+
+
+def dispute_release(
+    site_dir: SiteDir, version: str, *, person: str, reason: str, now: float | None = None
+) -> Dispute:
+    """A signed dispute on a release this site received (kept, and sent to the coordinator
+    on the next connection, where the consortium lead resolves it). A release that no longer
+    verifies can be disputed too: that may be the very reason."""
+    record = open_governance(site_dir)
+    try:
+        runs = [
+            a["detail"]["run_id"]
+            for a in record.activity()
+            if a["kind"] in ("release_received", "release_rejected", "release_reported")
+            and a["detail"].get("version") == version
+        ]
+        if not runs:
+            raise GovernanceError(
+                f"this site has no record of release {version}",
+                code="governance.unknown_release",
+            )
+        return raise_dispute(
+            _link(site_dir, record),
+            subject="release",
+            run_id=runs[-1],
+            rnd=0,
+            release=version,
+            reason=reason,
+            person=person,
+            now=time.time() if now is None else now,
         )
     finally:
         record.close()

@@ -9,8 +9,11 @@ import csv
 import pytest
 from PySide6.QtCore import Qt
 
+from shared.crypto.keys import load_private_key
 from shared.releases import WEIGHTS
 from shared.synthetic import generate_federation
+from site_client.core.activity import open_governance
+from site_client.core.governance_link import GovernanceLink, pending_disputes
 from site_client.core.intake.importer import import_folder
 from site_client.core.releases import AUTOMATIC, release_dir
 from site_client.gui.pages.models import ModelsPage
@@ -135,3 +138,22 @@ def test_a_release_altered_on_disk_cannot_be_used(qtbot, page):
     assert "Not usable" in page.verdict.text() and ERROR in page.verdict.styleSheet()
     assert not page.accept_button.isEnabled() and not page.refuse_button.isEnabled()
     assert not page.predict.predict_button.isEnabled()
+
+
+def test_a_dispute_on_the_release_is_signed_and_kept_for_the_coordinator(qtbot, page):
+    page.dispute_button.click()  # no name or reason: nothing is signed
+    assert page.dispute_task is None and "what is wrong" in page.message.text()
+    page.person.setText("Dr. Ada Byron")
+    page.reason.setText("Our 40 validation images are missing from the model card")
+    with qtbot.waitSignal(page.disputed, timeout=WAIT_MS) as raised:
+        page.dispute_button.click()
+    dispute = raised.args[0]
+    assert (dispute.subject, dispute.release, dispute.person) == ("release", "1.0", "Dr. Ada Byron")
+    record = open_governance(page.site_dir)
+    try:
+        key = load_private_key(page.site_dir.key_file)
+        waiting = pending_disputes(GovernanceLink(record, page.site_dir.load(), key))
+    finally:
+        record.close()
+    assert waiting == [dispute]  # sent on the next connection
+    assert "raised by Dr. Ada Byron" in page.message.text()

@@ -29,9 +29,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from shared.protocol.messages import ReleaseAcceptance
+from shared.protocol.messages import Dispute, ReleaseAcceptance
 from site_client.core.config import SiteDir
-from site_client.core.release_view import ReleaseSummary, decide, load_release_summaries
+from site_client.core.release_view import (
+    ReleaseSummary,
+    decide,
+    dispute_release,
+    load_release_summaries,
+)
 from site_client.gui.errors import describe_error
 from site_client.gui.pages.models_predict import PredictPanel
 from site_client.gui.style import ERROR, IDLE, OK, WAITING, dot, set_message
@@ -45,6 +50,7 @@ _COLOURS = {"accepted": OK, "refused": ERROR, "pending": WAITING}
 class ModelsPage(QWidget):
     loaded = Signal(object)  # list[ReleaseSummary]
     decided = Signal(object)  # ReleaseAcceptance
+    disputed = Signal(object)  # Dispute
 
     def __init__(self, site_dir: SiteDir, runner: TaskRunner, parent: QWidget | None = None):
         super().__init__(parent)
@@ -53,6 +59,7 @@ class ModelsPage(QWidget):
         self.summaries: list[ReleaseSummary] = []
         self.refresh_task: Task[list[ReleaseSummary]] | None = None
         self.decide_task: Task[ReleaseAcceptance] | None = None
+        self.dispute_task: Task[Dispute] | None = None
 
         caption = QLabel(
             "Models the federation trained and released to this hospital. Each one is checked "
@@ -90,6 +97,13 @@ class ModelsPage(QWidget):
             "Sign that this hospital refuses the release, with your reason."
         )
         self.refuse_button.clicked.connect(lambda: self.decide_selected(False))
+        self.dispute_button = QPushButton("Raise a &dispute...")
+        self.dispute_button.setToolTip(
+            "Tell the consortium lead something is wrong with this release (for example it is "
+            "not what was agreed, or this hospital's contribution is missing). Signed with the "
+            "site key, with your reason; the lead resolves it and the report lists it."
+        )
+        self.dispute_button.clicked.connect(self.dispute_selected)
         self.message = QLabel()
         self.message.setWordWrap(True)
 
@@ -100,6 +114,7 @@ class ModelsPage(QWidget):
         buttons.addWidget(self.accept_button)
         buttons.addWidget(self.refuse_button)
         buttons.addStretch(1)
+        buttons.addWidget(self.dispute_button)
         decision = QGroupBox("This hospital's verdict")
         box = QVBoxLayout(decision)
         box.addWidget(self.verdict)
@@ -184,6 +199,7 @@ class ModelsPage(QWidget):
             set_message(self.verdict, s.verdict_text, colour, headline=f"Release {s.version}")
             self.metrics.setText(s.metrics_text)
         usable = s is not None and s.usable
+        self.dispute_button.setEnabled(s is not None)
         self.accept_button.setEnabled(usable)
         self.refuse_button.setEnabled(usable)
         self.predict.set_release(s.version if s is not None else "", usable)
@@ -214,6 +230,42 @@ class ModelsPage(QWidget):
             owner=self,
         )
         return self.decide_task
+
+    def dispute_selected(self) -> Task[Dispute] | None:
+        s = self.selected
+        if s is None:
+            return None
+        person, reason = self.person.text().strip(), self.reason.text().strip()
+        if not person or not reason:
+            set_message(
+                self.message,
+                "Type your name and, as the reason, what is wrong with the release.",
+                WAITING,
+            )
+            (self.reason if person else self.person).setFocus()
+            return None
+        site_dir, version = self.site_dir, s.version
+        self.dispute_button.setEnabled(False)
+        self.dispute_task = self.runner.run(
+            "Signing a dispute on a model release",
+            lambda _ctx: dispute_release(site_dir, version, person=person, reason=reason),
+            on_done=self._disputed,
+            on_failed=self._decide_failed,
+            owner=self,
+        )
+        return self.dispute_task
+
+    def _disputed(self, message: Dispute) -> None:
+        self.dispute_button.setEnabled(True)
+        set_message(
+            self.message,
+            f"Dispute on release {message.release} raised by {message.person}, signed with this "
+            "site's key. It is sent to the coordinator the next time this site connects; the "
+            "consortium lead answers it there.",
+            OK,
+        )
+        self.reason.clear()
+        self.disputed.emit(message)
 
     def _decided(self, message: ReleaseAcceptance) -> None:
         verb = "accepted" if message.accepted else "refused"
