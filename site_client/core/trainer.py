@@ -13,6 +13,10 @@ progress lines arrive while it trains. The guarantees of a process per job are k
   job raise ``TrainingError`` (``training.crashed``); the next job starts a fresh child. One
   that died while idle, between rounds, is replaced and the job sent again, once.
 - A failed job (bad data, diverged loss) is a result like any other: the child lives on.
+- A child that says nothing for ``silence_s`` (no progress line, no result: hung on a dead
+  network share, stopped, deadlocked) is killed and the job raises ``TrainingError``
+  (``training.silent``): no wait is without a deadline. Progress lines come with every few
+  training steps, so the bound is about silence, not about how long training takes.
 
 The child belongs to the event loop that started it (asyncio subprocesses do); call
 ``close()`` before that loop ends. ``Participant.run`` does.
@@ -37,6 +41,7 @@ from shared.errors import TrainingCancelled, TrainingError
 log = logging.getLogger("tessera.site")
 
 LINE_LIMIT = 1 << 20  # a result line is a few hundred bytes; anything near this is garbage
+SILENCE_S = 1800.0  # the longest a worker may say nothing during a job (preparing images)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,7 @@ class TrainingOutcome:
     sha256: str = ""
     size: int = 0
     timings: Mapping[str, float] = field(default_factory=dict)
+    steps: int = 0  # optimiser steps taken: what a round of DP-SGD is charged
 
 
 class Trainer:
@@ -62,9 +68,11 @@ class Trainer:
         *,
         threads: int = 1,
         on_progress: Callable[[int, int], None] | None = None,
+        silence_s: float = SILENCE_S,
     ) -> None:
         self.jobs_dir = jobs_dir
         self.threads = threads
+        self.silence_s = silence_s
         self.on_progress = on_progress
         self.progress: tuple[int, int] | None = None  # (step, total) of the running job
         self._proc: asyncio.subprocess.Process | None = None
@@ -121,6 +129,7 @@ class Trainer:
             str(record.get("sha256", "")),
             int(record.get("size", 0)),
             {k: float(v) for k, v in dict(record.get("timings") or {}).items()},
+            int(record.get("steps", 0)),
         )
 
     async def validate(self, name: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -218,11 +227,20 @@ class Trainer:
         heard = False
         while True:
             try:
-                raw = await proc.stdout.readline()
+                raw = await asyncio.wait_for(proc.stdout.readline(), self.silence_s)
             except ValueError:  # a line beyond LINE_LIMIT: the channel is corrupt
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 return None, heard
+            except TimeoutError:
+                await self._reap(proc)
+                raise TrainingError(
+                    f"The training process said nothing for {self.silence_s:.0f} s (no "
+                    "progress, no result), so it was stopped; nothing was sent. It starts "
+                    "again for the next round; if this repeats, check that the site's image "
+                    "folders and disks answer, and the site's log.",
+                    code="training.silent",
+                ) from None
             if not raw:
                 return None, heard
             try:

@@ -165,3 +165,31 @@ def test_the_one_job_command_line_still_works(tmp_path: Path, federation) -> Non
     record = json.loads((tmp_path / "result.json").read_text("utf-8"))
     assert record["ok"] and record["num_samples"] > 0
     assert record["sha256"] == tensor_digest((tmp_path / "u.safetensors").read_bytes())
+
+
+async def test_a_worker_that_falls_silent_is_stopped_and_the_next_job_runs(
+    tmp_path: Path, federation
+) -> None:
+    """A worker frozen mid-job (SIGSTOP: as if hung on a dead network share) says nothing;
+    after ``silence_s`` it is killed with a clear error, never waited on for ever."""
+    trainer = Trainer(tmp_path / "jobs")
+    try:
+        task = await _started_training(
+            trainer, "frozen", _job(tmp_path, federation, local_epochs=500)
+        )
+        trainer.silence_s = 3.0  # from the next line read on (start-up takes longer here)
+        stepped = asyncio.Event()
+        trainer.on_progress = lambda step, total: stepped.set()
+        await asyncio.wait_for(stepped.wait(), timeout=60)
+        victim = trainer.pid
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        with pytest.raises(TrainingError, match="said nothing for 3 s") as info:
+            await asyncio.wait_for(task, timeout=60)
+        assert info.value.code == "training.silent" and not trainer.busy
+        with pytest.raises(ProcessLookupError):
+            os.kill(victim, 0)  # killed and reaped
+        outcome = await trainer.train("after", _job(tmp_path, federation))
+        assert outcome.num_samples > 0 and trainer.pid not in (None, victim)
+    finally:
+        await trainer.close()
