@@ -2,11 +2,13 @@
 
 The site's Ed25519 key pair is made here, on the site's machine; only the public key is
 sent. The key file is written only after the coordinator accepted the enrolment, so a failed
-attempt leaves nothing half-done behind.
+attempt leaves nothing half-done behind. The whole exchange has a deadline: a coordinator that
+accepts the connection and then says nothing fails the attempt with ``net.timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -22,10 +24,16 @@ from shared.protocol.session import Closed, MessageReceived, SiteSession
 from site_client.core.config import SiteConfig, SiteDir
 
 OPEN_TIMEOUT_S = 15.0
+EXCHANGE_TIMEOUT_S = 60.0  # connect, challenge, answer and welcome, all together
 
 
 async def enrol(
-    code: str, site_dir: SiteDir, site_name: str | None = None, now: float | None = None
+    code: str,
+    site_dir: SiteDir,
+    site_name: str | None = None,
+    now: float | None = None,
+    *,
+    timeout_s: float = EXCHANGE_TIMEOUT_S,
 ) -> SiteConfig:
     """Redeem ``code`` and save the site's identity in ``site_dir``."""
     now = time.time() if now is None else now
@@ -45,10 +53,14 @@ async def enrol(
     name = site_name or "Site"
     session = SiteSession()
     welcome: Welcome | None = None
+    deadline = asyncio.get_running_loop().time() + timeout_s
     try:
-        async with connect_pinned(
-            invitation.coordinator_url, invitation.fingerprint, open_timeout=OPEN_TIMEOUT_S
-        ) as ws:
+        async with (
+            asyncio.timeout_at(deadline),
+            connect_pinned(
+                invitation.coordinator_url, invitation.fingerprint, open_timeout=OPEN_TIMEOUT_S
+            ) as ws,
+        ):
             async for frame in ws:
                 session.receive_frame(frame)
                 closed: Closed | None = None
@@ -86,13 +98,17 @@ async def enrol(
                     await ws.send(data)
                 if welcome is not None:
                     break
-    except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+    except TimeoutError as exc:
+        if asyncio.get_running_loop().time() < deadline:  # the connection's own open timeout
+            raise _unreachable(invitation.coordinator_url, exc) from exc
         raise ConnectionFailed(
-            f"Cannot reach the coordinator at {invitation.coordinator_url} ({exc}). Check the "
-            "network connection and that outbound connections to that address are allowed, "
-            "then try again.",
-            code="net.unreachable",
+            f"The coordinator at {invitation.coordinator_url} did not complete the enrolment "
+            f"within {timeout_s:.0f} s. Nothing was saved; try again later, and if it "
+            "repeats, tell the consortium lead.",
+            code="net.timeout",
         ) from exc
+    except (OSError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+        raise _unreachable(invitation.coordinator_url, exc) from exc
     if welcome is None:
         raise IdentityError("the coordinator closed the connection during enrolment")
     config = SiteConfig(
@@ -108,3 +124,11 @@ async def enrol(
     save_private_key(key, site_dir.key_file, overwrite=True)
     site_dir.save(config)
     return config
+
+
+def _unreachable(url: str, exc: BaseException) -> ConnectionFailed:
+    return ConnectionFailed(
+        f"Cannot reach the coordinator at {url} ({exc}). Check the network connection and "
+        "that outbound connections to that address are allowed, then try again.",
+        code="net.unreachable",
+    )
