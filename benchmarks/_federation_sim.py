@@ -46,7 +46,6 @@ import torch
 
 from shared.aggregation import (
     FedBNConfig,
-    ServerOptConfig,
     StrategyConfig,
     aggregate_deltas,
     apply_aggregate,
@@ -55,6 +54,7 @@ from shared.aggregation import (
     local_training_options,
     merge_local,
     norm_layer_keys,
+    server_optimiser,
     split_update,
 )
 from shared.compression import ErrorFeedback, TopK, get_codec
@@ -284,9 +284,8 @@ class Simulation:
             {n: a.copy() for n, a in local.items()} for _ in data.sites
         ]
         self.shared_layout = layout_of(shared)
-        self.server_state = (
-            initial_state(shared, strategy) if isinstance(strategy, ServerOptConfig) else None
-        )
+        optimiser = server_optimiser(strategy)  # FedAdam; FedBN with server momentum
+        self.server_state = None if optimiser is None else initial_state(shared, optimiser)
         inner = self.codec.codec if isinstance(self.codec, Compressed) else self.codec
         self.feedback = (
             [ErrorFeedback(self.shared_layout) for _ in data.sites]

@@ -280,6 +280,15 @@ async def _floor_client(
 # --- main -------------------------------------------------------------------------------
 
 
+def _load() -> str:
+    """The 1-minute load average: other work on the machine slows rounds and floor alike,
+    but not always at the same moments; a ratio measured under load is noisier."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (OSError, AttributeError):  # not on every platform
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.round_overhead", description=__doc__)
     p.add_argument("--sites", type=int, default=3)
@@ -303,6 +312,7 @@ def main(argv: list[str]) -> int:
         f"round_overhead: {args.sites} sites, {args.rounds} rounds, mlp width {width} "
         f"({count:,} parameters), one local step per round"
     )
+    load_before = _load()
     with tempfile.TemporaryDirectory(prefix="tessera-round-") as tmp:
         root = Path(tmp)
         records, model_path, update_path = run_federation(
@@ -332,6 +342,7 @@ def main(argv: list[str]) -> int:
         f"floor trial, cpu ratio {round_cpu / floor_cpu:.2f}; on {cores} idle cores a round "
         f"cannot take less than {round_cpu / cores:.3f} s"
     )
+    print(f"load average (1 min) of this machine before / after: {load_before} / {_load()}")
     print(
         f"RESULT round_seconds={round_s:.3f} transfer_floor_seconds={floor_s:.3f} "
         f"ratio={round_s / floor_s:.2f} sites={args.sites} params={args.params}"

@@ -13,14 +13,32 @@ global model depends on the plan's strategy (``shared.aggregation.strategies``):
   round, so a restarted coordinator continues from it.
 - Median and trimmed mean (Yin et al. 2018): need every site's value per coordinate, so the
   updates are decoded in memory (O(sites x model)); sample counts are ignored.
+- FedBN (Li et al. 2021): updates carry no normalisation-layer entries (they stay at the
+  sites); only the shared entries are averaged, and the global model keeps its initial values
+  of the others (``shared.aggregation.fedbn``, "What the global model carries").
+
+Updates are stored as the sites sent and signed them, in the plan's codec
+(``TrainingPlan.compression``); :func:`decode_update` is the one place they become arrays.
+Uncompressed updates stream from their blob files; compressed ones are small and are decoded
+whole, one at a time (memory still O(model)).
 
 Every path is deterministic: the same model, updates (in any order) and state give the same
 bytes.
+
+Folding as updates arrive (:class:`RoundFold`). Reading every update back from disk and
+hashing it again once the last one is stored puts a pass over all of them on the round's
+critical path. Once every site expected in the round has offered its update, each offer's
+sample count fixes the weights, so the server folds each update into a :class:`RoundFold`
+right after its receipt check, from the arrays the check decoded. The accumulator is
+fixed-point, so the mean is bit for bit the one :func:`_streamed_mean` computes from the blob
+files; :func:`aggregate_round` uses a fold only when it holds the round's updates with exactly
+their weights, and folds any update it lacks from its blob file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +50,6 @@ from coordinator.store import UpdateRecord
 from shared.aggregation import (
     FedAvgAccumulator,
     MedianConfig,
-    ServerOptConfig,
     ServerOptState,
     StrategyConfig,
     TensorLayout,
@@ -41,12 +58,28 @@ from shared.aggregation import (
     apply_aggregate,
     initial_state,
     layout_of,
+    server_optimiser,
+    upload_layout,
     validate_update,
 )
+from shared.compression import Codec, NoCompression
 from shared.errors import StorageError, UpdateError
 from shared.tensors import decode_tensors, encode_tensors
 
 READ_CHUNK = 1 << 20
+
+
+def decode_update(
+    data: bytes, layout: TensorLayout, codec: Codec | None = None, *, copy: bool = True
+) -> dict[str, np.ndarray]:
+    """A stored update's arrays. ``codec``: the plan's (``TrainingPlan.codec``), which checks
+    names, shapes and values against ``layout`` as it decodes; ``None`` or ``"none"``: plain
+    safetensors, checked by the caller (``validate_update`` or the accumulator).
+    ``copy=False``: plain safetensors are decoded to read-only views of ``data``, for a caller
+    that only reads them."""
+    if codec is None or isinstance(codec, NoCompression):
+        return decode_tensors(data, copy=copy)
+    return codec.decode(data, layout)
 
 
 def check_update(
@@ -56,18 +89,119 @@ def check_update(
     max_norm: float | None,
     *,
     layout: TensorLayout | None = None,
+    codec: Codec | None = None,
+    fold: tuple[RoundFold, str, str] | None = None,
 ) -> float:
     """Validate a received update against the round's model; returns its L2 norm.
 
-    ``layout``: the model's, when the caller holds it (it is the same for every update of a
-    run), so the model is not read and decoded again for each update. Raises ``UpdateError``
+    ``layout``: what the sites upload (``shared.aggregation.upload_layout``: the model's, less
+    FedBN's local entries), when the caller holds it (it is the same for every update of a
+    run), so the model is not read and decoded again for each update. ``codec``: the plan's
+    (:func:`decode_update`); the norm is that of the decoded update. Raises ``UpdateError``
     with a stable code for garbage bytes, wrong names, shapes or dtypes, NaN/Inf, values out
-    of range and norms beyond the plan's bound.
+    of range and norms beyond the plan's bound. ``fold``: the round's :class:`RoundFold`, the
+    sending site and the update's digest; a valid update is folded into it from the arrays
+    decoded here.
     """
     if layout is None:
         layout = layout_of(decode_tensors(blobs.get(model_digest)))
-    update = decode_tensors(path.read_bytes())
-    return validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
+    update = decode_update(path.read_bytes(), layout, codec, copy=False)  # read, not changed
+    norm = validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
+    if fold is not None:
+        fold[0].add(fold[1], fold[2], update)
+    return norm
+
+
+class RoundFold:
+    """One round's FedAvg mean, folded in as each update passes its receipt check.
+
+    ``raw``: the weight before normalisation of every site expected to contribute (its sample
+    count, or 1.0 when the strategy weights sites equally), known once all of them have
+    offered; each update counts ``raw[site] / sum(raw)``, as in :func:`_streamed_mean`.
+    :meth:`claim` hands the accumulator to :func:`aggregate_round` if it matches the round's
+    updates and then seals it, so a check still running adds nothing more. Thread-safe: the
+    checks run in worker threads.
+    """
+
+    def __init__(self, layout: TensorLayout, raw: Mapping[str, float], key: object = None):
+        self.raw = dict(raw)
+        self.key = key  # the caller's label, e.g. (run, round, model digest)
+        self._total = sum(self.raw[s] for s in sorted(self.raw))
+        self._acc = FedAvgAccumulator(layout, max_abs=16.0, max_total_weight=1.0 + 1e-9)
+        self._folded: dict[str, str] = {}  # site -> digest of the update folded in
+        self._sealed = False
+        self._lock = threading.Lock()
+
+    def add(self, site_id: str, digest: str, update: Mapping[str, np.ndarray]) -> bool:
+        """Fold ``update`` (already validated) in; ``False`` if it does not belong (a site
+        not expected, one already folded, a sealed fold) or the accumulator refuses it."""
+        with self._lock:
+            if self._sealed or site_id in self._folded or site_id not in self.raw:
+                return False
+            try:
+                self._acc.add(update, self.raw[site_id] / self._total)
+            except UpdateError:  # nothing was added: the disk path will say what is wrong
+                return False
+            self._folded[site_id] = digest
+            return True
+
+    def claim(
+        self, layout: TensorLayout, updates: Sequence[UpdateRecord], weighting: str
+    ) -> tuple[FedAvgAccumulator, set[str]] | None:
+        """Seal the fold and return its accumulator and the sites already in it, if it was
+        made for ``layout`` and exactly ``updates`` with their weights, and holds no other
+        update; else ``None`` (the caller starts afresh from the blob files)."""
+        raw = {u.site_id: _raw_weight(u, weighting) for u in updates}
+        digests = {u.site_id: u.digest for u in updates}
+        shapes = {n: (tuple(int(d) for d in s), str(t)) for n, (s, t) in layout.items()}
+        with self._lock:
+            self._sealed = True
+            if raw != self.raw or len(raw) != len(updates) or shapes != self._acc.layout:
+                return None
+            if any(digests[s] != d for s, d in self._folded.items()):
+                return None
+            return self._acc, set(self._folded)
+
+
+def fold_stored(
+    fold: RoundFold,
+    blobs: BlobStore,
+    updates: Sequence[UpdateRecord],
+    layout: TensorLayout,
+    codec: Codec | None = None,
+) -> int:
+    """Fold updates stored before ``fold`` was made (their sites uploaded before the last
+    site offered) from their blob files, each read and checked against its digest as the
+    disk path does; returns how many were folded. A blob that cannot be read or decoded is
+    left out: :func:`aggregate_round` then reads it itself and says what is wrong."""
+    folded = 0
+    for update in updates:
+        try:
+            arrays = decode_update(blobs.get(update.digest), layout, codec, copy=False)
+        except (StorageError, UpdateError):
+            continue
+        folded += fold.add(update.site_id, update.digest, arrays)
+        blobs.drop_cached(update.digest)  # kept cached for this read only
+    return folded
+
+
+def fold_weights(strategy: StrategyConfig, samples: Mapping[str, int]) -> dict[str, float] | None:
+    """A :class:`RoundFold`'s ``raw`` for sites offering updates of these sample counts;
+    ``None`` for the strategies that do not take a weighted mean (median, trimmed mean)."""
+    if isinstance(strategy, MedianConfig | TrimmedMeanConfig):
+        return None
+    return {s: float(n) if strategy.weighting == "samples" else 1.0 for s, n in samples.items()}
+
+
+def _plus(base: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``base + mean``, into ``mean`` (a fresh array) when that gives the same result."""
+    if base.dtype == mean.dtype and base.shape == mean.shape:
+        return np.add(base, mean, out=mean)
+    return base + mean
+
+
+def _raw_weight(update: UpdateRecord, weighting: str) -> float:
+    return float(update.num_samples) if weighting == "samples" else 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +221,8 @@ def aggregate_round(
     opt_state: str | None = None,
     *,
     base: Mapping[str, np.ndarray] | None = None,
+    codec: Codec | None = None,
+    fold: RoundFold | None = None,
 ) -> RoundResult:
     """The next global model from the round's ``updates`` under ``strategy``.
 
@@ -94,44 +230,64 @@ def aggregate_round(
     recorded, or ``None`` in the first round (the optimiser then starts from
     ``initial_state``); it must be ``None`` for the other strategies. ``base``: the decoded
     weights of ``model_digest`` when the caller already holds them (decoded while the sites
-    trained), so they are not read, hashed and decoded again here. Raises ``UpdateError``
+    trained), so they are not read, hashed and decoded again here. ``codec``: the plan's, in
+    which the updates were stored (:func:`decode_update`). ``fold``: the round's
+    :class:`RoundFold`, used if it matches ``updates``. Raises ``UpdateError``
     (bad or mismatched updates, unusable state) or ``StorageError`` (a blob missing or
     corrupted on disk).
     """
     if not updates:
         raise UpdateError("no updates to aggregate", code="update.empty")
-    if opt_state is not None and not isinstance(strategy, ServerOptConfig):
+    optimiser = server_optimiser(strategy)  # FedAdam etc.; FedBN with server momentum
+    if opt_state is not None and optimiser is None:
         raise ValueError(f"{strategy.name} keeps no server state")
     if base is None:
         base = decode_tensors(blobs.get(model_digest))
+    layout = upload_layout(strategy, layout_of(base))  # FedBN: the shared entries only
     if isinstance(strategy, MedianConfig | TrimmedMeanConfig):
-        decoded = [decode_tensors(blobs.get(u.digest)) for u in updates]
+        decoded = [decode_update(blobs.get(u.digest), layout, codec) for u in updates]
         delta = aggregate_deltas(strategy, decoded)
         new, _ = apply_aggregate(strategy, base, delta)
         return RoundResult(encode_tensors(new))
-    mean = _streamed_mean(blobs, base, updates, strategy.weighting)
-    if isinstance(strategy, ServerOptConfig):
+    mean = _streamed_mean(blobs, layout, updates, strategy.weighting, codec, fold)
+    if optimiser is not None:
         if opt_state is None:
-            state = initial_state(base, strategy)
+            state = initial_state(layout, optimiser)
         else:
             state = ServerOptState.from_arrays(decode_tensors(blobs.get(opt_state)))
         new, after = apply_aggregate(strategy, base, mean, state)
         assert after is not None
         return RoundResult(encode_tensors(new), encode_tensors(after.to_arrays()))
-    return RoundResult(encode_tensors({name: base[name] + mean[name] for name in base}))
+    # Entries no update carries (FedBN's local ones) keep the model's values. The mean's
+    # arrays are fresh: where the dtypes agree, the new weights are computed into them.
+    new = {name: _plus(base[name], mean[name]) if name in mean else base[name] for name in base}
+    return RoundResult(encode_tensors(new))
 
 
 def _streamed_mean(
     blobs: BlobStore,
-    base: Mapping[str, np.ndarray],
+    layout: TensorLayout,
     updates: Sequence[UpdateRecord],
     weighting: str,
+    codec: Codec | None = None,
+    fold: RoundFold | None = None,
 ) -> dict[str, np.ndarray]:
-    """The updates' weighted mean, each read from its blob file in chunks (memory O(model))."""
-    raw = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+    """The updates' weighted mean, each read from its blob file in chunks (memory O(model));
+    compressed ones are decoded whole, one at a time. Those already in a matching ``fold``
+    are not read again."""
+    raw = [_raw_weight(u, weighting) for u in updates]
     total = sum(raw)
-    acc = FedAvgAccumulator(layout_of(base), max_abs=16.0, max_total_weight=1.0 + 1e-9)
+    claimed = fold.claim(layout, updates, weighting) if fold is not None else None
+    if claimed is not None:
+        acc, done = claimed
+    else:
+        acc, done = FedAvgAccumulator(layout, max_abs=16.0, max_total_weight=1.0 + 1e-9), set()
     for update, weight in zip(updates, raw, strict=True):
+        if update.site_id in done:
+            continue
+        if codec is not None and not isinstance(codec, NoCompression):
+            acc.add(decode_update(blobs.get(update.digest), layout, codec), weight / total)
+            continue
         stream = acc.begin(weight / total)
         seen = hashlib.sha256()
         with open(blobs.path(update.digest), "rb") as fh:

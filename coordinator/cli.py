@@ -19,6 +19,7 @@ from coordinator.config import (
     load_service_config,
 )
 from coordinator.federation import Federation
+from coordinator.pause import read_pause
 from shared.errors import TesseraError
 from shared.privacy.client_dp import protections
 
@@ -126,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--secure-aggregation",
         action="store_true",
-        help="secure aggregation (not available in this version yet)",
+        help="secure aggregation: sites mask their updates, the coordinator sees only the sum",
     )
     return p
 
@@ -160,15 +161,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from coordinator.demo import run_demo
 
-        if args.secure_aggregation:
-            print(
-                "Secure aggregation is not available in this version yet; run the demo "
-                "without --secure-aggregation (--dp works on its own).",
-                file=sys.stderr,
-            )
-            return 2
         return run_demo(
-            sites=args.sites, rounds=args.rounds, out=args.out, seed=args.seed, dp=args.dp
+            sites=args.sites,
+            rounds=args.rounds,
+            out=args.out,
+            seed=args.seed,
+            dp=args.dp,
+            secure_aggregation=args.secure_aggregation,
         )
     if args.command == "verify":
         return _verify(args.bundle)
@@ -204,6 +203,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             status = fed.status()
             for run in status["runs"]:  # what each run's plan protects, and its epsilon
                 run["protections"] = protections(fed.plan(run["plan_hash"]).to_dict())
+            pause = read_pause(fed.paths.root)  # a failed disk write stopped the run
+            status["paused"] = pause.to_dict() if pause is not None else None
             _print_status(status, as_json=args.json)
         elif args.command == "serve":
             return _serve(fed)
@@ -258,6 +259,11 @@ def _print_status(status: dict, *, as_json: bool) -> None:
     print(f"  sites: {len(status['sites'])}")
     for s in status["sites"]:
         print(f"    {s['site_id']}  {s['name']}")
+    pause = status.get("paused")
+    if pause:
+        print(f"  PAUSED: run {pause['run_id']} at round {pause['round']}, a disk write failed:")
+        print(f"    {pause['reason']} [{pause['code']}]")
+        print(f"    {pause['advice']}")
     for run in status["runs"]:
         print(f"  run {run['run_id']}: {run['status']}, round {run['current_round']}")
         for line in run.get("protections", ()):

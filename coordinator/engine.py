@@ -78,6 +78,7 @@ class RoundEngine:
         current_round: int = 1,
         reported: set[str] | None = None,
         finished: bool = False,
+        carry_updates: bool = True,
     ) -> None:
         self.rounds = rounds
         self.quorum = quorum
@@ -87,6 +88,9 @@ class RoundEngine:
         self._not_before = float("-inf")  # after a failed attempt, wait before the next
         self.current_round = current_round
         self.finished = finished
+        # Secure aggregation keeps no update, and a retried attempt needs fresh masks from
+        # every site: nothing is carried into the next attempt then.
+        self.carry_updates = carry_updates
         self.online: set[str] = set()
         self.open: RoundState | None = None
         # Updates already on disk for the current round (after a restart) count as reported.
@@ -165,7 +169,7 @@ class RoundEngine:
                 f"{len(state.reported)} of the quorum of {self.quorum} sites reported "
                 "before the deadline"
             )
-            self._carried = set(state.reported)
+            self._carried = set(state.reported) if self.carry_updates else set()
             self.open = None
             self._not_before = now + self.retry_delay_s
             return [RetryRound(state.round, reason)]
@@ -188,7 +192,7 @@ class RoundEngine:
             return []
         # The updates stay stored, and the server does not report a re-sent stored update
         # again, so the next attempt must count them itself.
-        self._carried = set(self.open.reported)
+        self._carried = set(self.open.reported) if self.carry_updates else set()
         self.open = None
         self._not_before = now + self.retry_delay_s
         return [RetryRound(rnd, reason)]

@@ -6,6 +6,10 @@ The coordinator compares the sites' "scanner fingerprints" — distributions ove
 model, pixel spacing, bits stored, photometric interpretation and image size — by total
 variation distance (half the L1 distance between the normalised counts), averages over those
 features for each pair of sites, and reports the most different pair. Pure.
+
+The server records the assessment in the provenance log (``scanner_shift_assessed``, from
+:func:`shift_entry`) whenever it changes during a run, and logs :func:`shift_warning` for the
+operator; the run's HTML report shows the last assessment (``coordinator/report.py``).
 """
 
 from __future__ import annotations
@@ -80,3 +84,27 @@ def scanner_shift(summaries: Mapping[str, Mapping[str, Any]]) -> ShiftReport:
             f"The sites' scanners are alike (largest difference {distance:.2f}).",
         )
     return ShiftReport(level, distance, pair, message)
+
+
+def shift_warning(report: ShiftReport, aggregation: str) -> str | None:
+    """The operator's warning for a run aggregated with ``aggregation``: when the scanners
+    differ strongly and the plan does not already keep normalisation layers local (FedBN)."""
+    if report.level != "strong" or aggregation == "fedbn":
+        return None
+    return f"{report.message} This run aggregates with {aggregation!r}."
+
+
+def shift_entry(
+    summaries: Mapping[str, Mapping[str, Any]], aggregation: str
+) -> dict[str, Any] | None:
+    """The provenance-log payload of an assessment of ``summaries`` (counts only; site ids,
+    no data), or ``None`` while fewer than two sites shared a summary."""
+    report = scanner_shift(summaries)
+    if report.level == "unknown":
+        return None
+    return {
+        **report.to_dict(),
+        "sites": len(summaries),
+        "aggregation": aggregation,
+        "warning": shift_warning(report, aggregation),
+    }

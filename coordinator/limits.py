@@ -7,7 +7,9 @@ clock (every method that needs time takes ``now``, in seconds, from the adapter'
 every rule is unit-tested with plain numbers, like ``coordinator.engine``. Memory is bounded
 whatever peers do: keyed state is capped and the oldest entries are forgotten first.
 
-- ``MessageRate``: one connection's messages per second, through a ``TokenBucket``.
+- ``MessageRate``: one connection's messages per second, through a ``TokenBucket``: a fast
+  sender is slowed, one that stays above its rate is disconnected. Transfer frames have their
+  own bound (``PeerLimits.free_chunk_bytes``): bytes of an accepted transfer, not messages.
 - ``TokenBucket``: the classic token bucket (the meter of RFC 2697, section 3, with one
   bucket): ``rate`` tokens per second up to ``burst``. ``wait`` reserves tokens even into
   debt and says how long to wait, for back-pressure (a fast sender is slowed, not dropped);
@@ -151,34 +153,61 @@ ALLOWED = Verdict(True)
 
 
 class MessageRate:
-    """One connection's message rate: a sender above ``rate`` is slowed down (the adapter
-    waits ``wait_s`` before it handles the message, so TCP pushes back on the sender), and one
-    that would have to wait more than ``max_wait_s`` is flooding and is disconnected."""
+    """One connection's message rate. Within its ``burst`` a sender goes as fast as it likes;
+    above ``rate`` it is slowed (the adapter waits ``wait_s`` before it handles the message,
+    so TCP pushes back on the sender meanwhile). A sender that keeps pushing against the limit
+    for more than ``max_wait_s`` -- slowed all along, never pausing long enough for its bucket
+    to refill a little -- is flooding and is disconnected.
 
-    def __init__(self, rate: Rate, now: float, *, max_wait_s: float = 10.0) -> None:
+    The episode is measured in elapsed time, not read off the bucket's debt: the adapter
+    reads one frame at a time and sleeps before the next, which pays the debt back, so a
+    flooder's debt never grows past one message and a debt rule alone would never fire.
+    A pause is ``pause_s`` worth of tokens (or the whole burst, if smaller) found in the
+    bucket: more than the event loop's scheduling jitter, which must not reset the episode.
+    ``cost`` 0 (a chunk of an accepted transfer) is always allowed and never counted.
+    """
+
+    def __init__(
+        self, rate: Rate, now: float, *, max_wait_s: float = 10.0, pause_s: float = 0.25
+    ) -> None:
         if not max_wait_s >= 0:
             raise LimitError(f"max_wait_s must be >= 0, not {max_wait_s}")
         self.bucket = TokenBucket(rate, now)
         self.max_wait_s = max_wait_s
+        self.pause_tokens = min(rate.burst, max(1.0, rate.per_s * pause_s))
+        self.slowed_since: float | None = None  # when the current episode of waiting began
 
     def admit(self, now: float, cost: float = 1.0) -> Verdict:
+        if cost <= 0:
+            return ALLOWED
+        if self.bucket.available(now) >= self.pause_tokens:
+            self.slowed_since = None  # the sender paused: a new burst is fine
         wait = self.bucket.wait(now, cost)
-        if wait > self.max_wait_s:
-            self.bucket.tokens += cost  # refused: not counted against the next message
-            return Verdict(
-                False,
-                "protocol.rate",
-                "too many messages; disconnecting (the site reconnects by itself)",
-            )
+        if wait > 0:
+            if self.slowed_since is None:
+                self.slowed_since = now
+            if now + wait - self.slowed_since > self.max_wait_s:
+                self.bucket.tokens += cost  # refused: not counted against the next message
+                return Verdict(
+                    False,
+                    "protocol.rate",
+                    "too many messages; disconnecting (the site reconnects by itself)",
+                )
         return Verdict(True, wait_s=wait)
 
 
 class IdentityGuard:
     """Throttle failed enrolments and authentications, per peer address and overall.
 
-    Call ``check(peer, now)`` before looking at an ``Enrol`` or ``Authenticate`` and
-    ``failed(peer, now)`` when one is refused. Defaults: a peer may fail 10 times in a row,
-    then once a minute; all peers together 30 times, then once a second.
+    Call ``check(peer, now)`` before looking at an ``Enrol`` or at an ``Authenticate`` that
+    names no enrolled site, and ``failed(peer, now)`` when one is refused. Defaults: a peer may
+    fail 10 times in a row, then once a minute; all peers together 30 times, then once a
+    second.
+
+    The sign-in of an enrolled site is neither checked nor counted here: sites behind one NAT
+    share its address, and a guesser there (or one site with a wrong key) must not lock the
+    others out. Such a sign-in costs one key lookup and one signature check, less than the
+    TLS handshake before it; a signature cannot be guessed, and each connection gets one try.
     """
 
     def __init__(
@@ -315,6 +344,11 @@ class PeerLimits:
 
     message_rate: Rate = Rate(per_s=200.0, burst=1000.0)
     max_message_wait_s: float = 10.0
+    # A chunk of an accepted transfer carrying at least this many bytes (or its last) costs
+    # no message: a big update in many chunks is bounded by its bytes (the offer's size,
+    # checked against the model, and ``max_uploads``), not by the message rate. Smaller
+    # chunks count as messages, so an offer of 1-byte chunks cannot flood for free.
+    free_chunk_bytes: int = 64 * 1024
     identity_per_peer: Rate = Rate(per_s=1 / 60, burst=10)
     identity_overall: Rate = Rate(per_s=1.0, burst=30)
     max_pending: int = 512

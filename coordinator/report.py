@@ -156,6 +156,33 @@ def validation_summary(
     return rows, worst
 
 
+def _scanner_shift(assessed: Sequence[dict[str, Any]], names: dict[str, str]) -> str:
+    """The coordinator's last comparison of the sites' scanner fingerprints during the run
+    (``coordinator.heterogeneity``, from counts the sites shared), with its warning."""
+    if not assessed:
+        return (
+            "<p class='muted'>Fewer than two sites shared a data summary during this run, so "
+            "their scanners were not compared.</p>"
+        )
+    last = assessed[-1]
+    pair = last.get("pair") or []
+    shown = " and ".join(names.get(s, s) or s for s in pair)
+    rows = [
+        ["Difference", f"{last.get('level', '')} ({last.get('distance', 0):.2f} of 1)"],
+        ["Most different sites", shown or "-"],
+        ["Sites compared", last.get("sites", "-")],
+        ["Assessment", last.get("message", "")],
+    ]
+    table = _table(["", ""], rows, set()).replace("<thead><tr><th></th><th></th></tr></thead>", "")
+    intro = (
+        "<p>Distance between the sites' mixes of scanner model, pixel spacing, bits stored, "
+        "photometric interpretation and image size (total variation, 0 = the same mix, "
+        "1 = nothing in common), from the counts each site chose to share.</p>"
+    )
+    warning = last.get("warning")
+    return intro + table + (f"<p class='warn'>{_e(warning)}</p>" if warning else "")
+
+
 def _privacy(plan_dict: dict[str, Any]) -> str:
     lines = [
         "Images and patient identifiers never left any site: only model updates (weights) "
@@ -252,6 +279,7 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
                     "Aggregation",
                     f"{plan.aggregation} {dict(plan.aggregation_params) or ''}".strip(),
                 ],
+                ["Update compression", plan.compression],
                 ["Final model", str(manifest.get("weights_sha256", ""))],
             ],
             set(),
@@ -344,6 +372,8 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
     else:
         out.append("<p class='warn'>No site reported a validation of this run.</p>")
     out += [
+        "<h2>Scanner differences between sites</h2>",
+        _scanner_shift(_of_run(entries, run_id, "scanner_shift_assessed"), names),
         "<h2>Privacy protections</h2>",
         _privacy(plan_dict),
         "<h2>Participation and contributions</h2>",

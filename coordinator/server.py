@@ -10,7 +10,12 @@ acknowledgement it backs is sent. Nothing here decides policy: that is the engin
 Per round, the global model is encoded, hashed and signed once: aggregation hands the new
 model's bytes and digest straight to the next round's offer, which every invited site shares.
 The model is also decoded once per round, in a worker thread while the sites download and
-train: its layout checks each update and its weights go into the aggregate. Each
+train: its layout checks each update and its weights go into the aggregate. Round models go
+to the sites one at a time, in the order asked (``MODEL_TURN_WAIT_S``), so the first sites
+train and upload while the last ones download. Once every expected site has offered its
+update, each update is folded into the round's mean right after its receipt check
+(``coordinator.aggregation.RoundFold``; those stored earlier are folded from disk
+meanwhile), so aggregating does not read and hash every update again. Each
 round's phases (model encode, aggregate, persist, commit) are timed with a monotonic clock and
 appended to ``timings.jsonl`` in the data directory when the round is committed
 (``shared.phases``). The round path does not poll; the supervisor's timer only picks up runs
@@ -20,8 +25,13 @@ Peers are limited before they cost anything (``coordinator.limits``, whose verdi
 adapter carries out): a connection must fit the budget of unidentified connections and
 identify within its deadline, with frames of at most 64 KiB until it does; every connection's
 messages are metered (a fast sender is slowed, a flood disconnected); failed enrolments and
-sign-ins are throttled per address; and update uploads take a slot each, queued in turn when
-too many arrive at once (the site simply waits for its ``TransferAccept``).
+sign-ins are throttled per address (an enrolled site's sign-in never is); and update uploads
+take a slot each, queued in turn when too many arrive at once (the site simply waits for its
+``TransferAccept``).
+
+A failed disk write (or an aggregation past ``aggregate_timeout_s``) pauses the run
+(``coordinator.pause``): logged, shown by ``status``, no more round decisions acted on until
+a restart resumes from the database.
 
 Releases (``tessera-coordinator release``, another process) reach only the sites that took part
 in their run (:func:`coordinator.release.may_receive`): a ``ReleaseNotice`` after ``Welcome``
@@ -48,9 +58,16 @@ from typing import Any
 import numpy as np
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from coordinator import governance, release
-from coordinator.aggregation import aggregate_round, check_update
+from coordinator.aggregation import (
+    RoundFold,
+    aggregate_round,
+    check_update,
+    fold_stored,
+    fold_weights,
+)
 from coordinator.engine import (
     Action,
     Aggregate,
@@ -61,17 +78,22 @@ from coordinator.engine import (
     RoundEngine,
 )
 from coordinator.federation import Federation
-from coordinator.limits import MessageRate, PeerLimits
+from coordinator.heterogeneity import shift_entry
+from coordinator.limits import ALLOWED, MessageRate, PeerLimits
+from coordinator.pause import Pause, clear_pause, write_pause
+from coordinator.secagg_server import SECAGG_MESSAGES, SecAggLink
 from coordinator.store import RunRecord, UpdateRecord
 from shared.aggregation import (
-    ServerOptConfig,
     StrategyConfig,
     layout_of,
     make_strategy,
+    server_optimiser,
+    upload_layout,
 )
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import server_ssl_context
 from shared.errors import StorageError, TesseraError, TransferError
+from shared.files import start_writeback
 from shared.identity.invitation import token_digest
 from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
@@ -113,6 +135,20 @@ from shared.tensors import decode_tensors
 
 log = logging.getLogger("tessera.coordinator")
 
+# What a site is told when a failed disk write has paused the run (coordinator.pause).
+PAUSED_MESSAGE = (
+    "The coordinator cannot write to its disk and has paused the run. Your site's work is "
+    "kept and is asked for again once the operator has fixed the disk."
+)
+# Longest wait for a peer to take what we send before a close (it may have stopped reading).
+FLUSH_TIMEOUT_S = 2.0
+# Round models are sent one site at a time, in the order the sites ask, each at the full
+# speed of the coordinator's link and processor: the first site then has its model in a
+# fraction of the time and trains and uploads while the others download, instead of every
+# site waiting for all the downloads to end together. A transfer waits for its turn at most
+# this long, so a site whose link stalls holds the others back no longer than that.
+MODEL_TURN_WAIT_S = 2.0
+
 
 @dataclass
 class Upload:
@@ -131,6 +167,8 @@ class Connection:
     meter: MessageRate | None = None
     # Offers waiting for an upload slot, by transfer id (``UploadSlots``).
     queued: dict[str, UpdateOffer] = field(default_factory=dict)
+    # Chunk acknowledgements this peer may still send for free: one per chunk sent to it.
+    ack_credit: int = 0
 
 
 @dataclass
@@ -153,6 +191,7 @@ class CoordinatorServer:
         admin_poll_s: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
         peer_limits: PeerLimits = PeerLimits(),
+        aggregate_timeout_s: float = 3600.0,
     ) -> None:
         self.fed = fed
         self.limits = limits
@@ -173,6 +212,7 @@ class CoordinatorServer:
         self.plan_signature = ""
         self.engine: RoundEngine | None = None
         self.model: RoundModel | None = None
+        self.secagg = SecAggLink(self)  # securely aggregated rounds
         self._final: RoundModel | None = None  # the finished run's model, offered for validation
         self._governance_seen: tuple[int, str | None] | None = None
         self._releases_seen: tuple[str, ...] = ()
@@ -183,10 +223,20 @@ class CoordinatorServer:
         self._fresh: tuple[str, bytes] | None = None  # the model aggregation just stored
         # The round's model decoded (digest, task): for update checks and the aggregate.
         self._decoded: tuple[str, asyncio.Task[dict[str, np.ndarray]]] | None = None
+        # The open round's fold (aggregation.RoundFold), and the sample counts offered for
+        # ((run, round), {site: count}) that fix its weights.
+        self._fold: RoundFold | None = None
+        self._model_turn = asyncio.Lock()  # one round model transfer at a time
+        self._fold_catchup: asyncio.Future[int] | None = None  # aggregation.fold_stored
+        self._offered: tuple[tuple[str, int], dict[str, int]] = (("", 0), {})
         self.port: int | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._shift_seen: tuple[str, dict[str, Any]] | None = None  # (run, last logged)
+        self.paused: Pause | None = None  # a failed disk write stopped the run (pause.py)
+        self.aggregate_timeout_s = aggregate_timeout_s
+        self._aggregating: tuple[int, float] | None = None  # (round, started at)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -213,9 +263,27 @@ class CoordinatorServer:
             self.port = next(iter(server.sockets)).getsockname()[1]
             self.fed.paths.port_file.write_text(str(self.port))
             log.info("serving %s on port %d", cfg.federation, self.port)
+            self._resume_after_pause()
             if ready is not None:
                 ready(self.port)
             await self._supervise()
+
+    def _resume_after_pause(self) -> None:
+        """A start clears the pause a failed disk write left (``coordinator.pause``): the
+        run carries on from the database, and pauses again if the disk still fails."""
+        try:
+            previous = clear_pause(self.fed.paths.root)
+        except OSError as exc:
+            log.error("cannot clear the pause marker: %s", exc)
+            return
+        if previous is not None:
+            log.warning(
+                "resuming run %s, paused at round %d: %s (%s)",
+                previous.run_id,
+                previous.round,
+                previous.reason,
+                previous.code,
+            )
 
     def stop(self) -> None:
         self._stopping.set()
@@ -231,16 +299,39 @@ class CoordinatorServer:
             now = self.clock()
             if self.engine is not None:
                 self._apply(self.engine.tick(now))
+                self.secagg.tick(now)
+                self._check_aggregation(now)
             self._close_overdue(now)
             timeout = self.admin_poll_s
             deadlines = [self.engine.next_deadline() if self.engine else None]
             deadlines.append(self.pending.next_deadline())
+            deadlines.append(self.secagg.next_deadline())
             for deadline in deadlines:
                 if deadline is not None:
                     timeout = max(0.0, min(timeout, deadline - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _check_aggregation(self, now: float) -> None:
+        """Aggregation has a deadline too (the engine's round deadline stops while it runs):
+        past ``aggregate_timeout_s`` -- a hung disk, a stuck worker thread -- the run is
+        paused with that reason instead of waiting for ever. Should the work finish later,
+        what it committed is consistent; a restart carries on from the database."""
+        started, state = self._aggregating, self.engine.open if self.engine else None
+        if started is None:
+            return
+        if state is None or not state.aggregating or state.round != started[0]:
+            self._aggregating = None  # committed, or failed and retried
+        elif now - started[1] > self.aggregate_timeout_s:
+            self._aggregating = None
+            self._pause(
+                StorageError(
+                    f"the aggregation of round {started[0]} did not finish within "
+                    f"{self.aggregate_timeout_s:g} s; the disk or the machine may be stuck",
+                    code="storage.timeout",
+                )
+            )
 
     def _close_overdue(self, now: float) -> None:
         """Close the connections that did not identify in time (slow or idle peers holding
@@ -258,6 +349,36 @@ class CoordinatorServer:
             )
             self._spawn(self._flush_and_close(conn))
 
+    def _pause(self, exc: BaseException) -> None:
+        """Stop the run after a failed disk write (``coordinator.pause``): say why in the log,
+        in ``paused.json`` for ``status`` and to the connected sites, then act on no more
+        round decisions. What was acknowledged is on disk; a restart resumes from it."""
+        if self.paused is not None:
+            return
+        run = self.run
+        self.paused = pause = Pause(
+            run_id=run.run_id if run is not None else "-",
+            round=run.current_round if run is not None else 0,
+            code=exc.code if isinstance(exc, TesseraError) else "storage.write",
+            reason=str(exc),
+            at=self.clock(),
+        )
+        log.error(
+            "run %s paused at round %d: a disk write failed: %s (%s). %s",
+            pause.run_id,
+            pause.round,
+            pause.reason,
+            pause.code,
+            pause.advice,
+        )
+        try:
+            write_pause(self.fed.paths.root, pause)
+        except OSError as err:
+            log.error("cannot record the pause for `status` either: %s", err)
+        for conn in list(self.connections.values()):
+            conn.session.send(ErrorMessage(code="coordinator.paused", message=PAUSED_MESSAGE))
+            self._spawn(self._flush(conn))
+
     def _load_run(self) -> None:
         run = self.fed.store.active_run()
         if run is None or (self.run is not None and run.run_id == self.run.run_id):
@@ -274,6 +395,7 @@ class CoordinatorServer:
             deadline_s=plan.round_deadline_s,
             current_round=run.current_round,
             reported=stored,
+            carry_updates=not plan.secure_aggregation,  # each attempt masks afresh
         )
         self.model = None
         self._timer = None
@@ -287,11 +409,16 @@ class CoordinatorServer:
     # -- engine actions ------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        if self.paused is not None:
+            return  # a failed disk write stopped the run: a restart picks it up from disk
         for action in actions:
             try:
                 self._do(action)
-            except TesseraError as exc:  # e.g. a failed disk write: pause, say why
+            except TesseraError as exc:
                 log.error("cannot carry out %s: %s (%s)", action, exc, exc.code)
+                if isinstance(exc, StorageError):  # a failed disk write: pause, say why
+                    self._pause(exc)
+                    return
                 if isinstance(action, Aggregate) and self.engine is not None:
                     self._apply(self.engine.aggregate_failed(action.round, str(exc), self.clock()))
 
@@ -313,13 +440,22 @@ class CoordinatorServer:
             timer.add("commit", opened - started)
             self._prepare_model(action.round)
             timer.add("model_encode", self.monotonic() - opened)
+            if self.secagg.on:
+                self._spawn(self.secagg.open(action))
+            self._assess_scanner_shift(now)
         elif isinstance(action, InviteSite):
             conn = self.connections.get(action.site_id)
             if conn is not None:
                 self._invite(conn, action.round)
         elif isinstance(action, Aggregate):
-            self._spawn(self._aggregate(action))
+            self._aggregating = (action.round, now)  # watched by _check_aggregation
+            if self.secagg.on:
+                self.secagg.close(action)
+            else:
+                self._spawn(self._aggregate(action))
         elif isinstance(action, RetryRound):
+            self._fold = None  # the next attempt's sites may differ
+            self.secagg.retried()
             log.warning("round %d retried: %s", action.round, action.reason)
             self.fed.store.fail_round_attempt(self.run.run_id, action.round, action.reason, now)
         elif isinstance(action, FinishRun):
@@ -328,6 +464,21 @@ class CoordinatorServer:
             log.info("run finished after %d rounds", action.rounds)
             for conn in list(self.connections.values()):
                 self._send_finished(conn)
+
+    def _assess_scanner_shift(self, now: float) -> None:
+        """Compare the sites' scanner fingerprints (their shared counts) for the active run;
+        log each new assessment in the provenance log, for the run's report, and warn the
+        operator when they differ strongly and the plan is not FedBN."""
+        run, plan = self.run, self.plan
+        if run is None or plan is None or run.status != "running":
+            return
+        entry = shift_entry(self.fed.store.site_summaries(), plan.aggregation)
+        if entry is None or self._shift_seen == (run.run_id, entry):
+            return
+        self._shift_seen = (run.run_id, entry)
+        self.fed.store.log("scanner_shift_assessed", now, run_id=run.run_id, **entry)
+        if entry["warning"]:
+            log.warning("scanner shift: %s", entry["warning"])
 
     def _round_timer(self, rnd: int) -> PhaseClock:
         """The phase clock of round ``rnd``, started when it first opens (a retried round
@@ -386,6 +537,8 @@ class CoordinatorServer:
                 deadline_s=self.plan.round_deadline_s,
             )
         )
+        if self.secagg.on and conn.site_id is not None:
+            self.secagg.invited(conn.site_id)
         self._spawn(self._flush(conn))
 
     def _send_finished(self, conn: Connection) -> None:
@@ -438,6 +591,13 @@ class CoordinatorServer:
             plan.aggregation, plan.aggregation_params, weighting=plan.weighting
         )
         timer = self._round_timer(action.round)
+        fold, self._fold = self._fold, None
+        if fold is not None and fold.key != (run.run_id, action.round, run.model_digest):
+            fold = None
+        catchup, self._fold_catchup = self._fold_catchup, None
+        if fold is not None and catchup is not None:
+            with contextlib.suppress(Exception):  # what it could not fold is read again
+                await catchup
         try:
             state_in = self._opt_state_before(run.run_id, action.round, strategy)
             started = self.monotonic()
@@ -451,6 +611,8 @@ class CoordinatorServer:
                     strategy,
                     state_in,
                     base=base,
+                    codec=plan.codec,
+                    fold=fold,
                 )
             )
             aggregated = self.monotonic()
@@ -473,6 +635,8 @@ class CoordinatorServer:
             timer.add("commit", self.monotonic() - persisted)
         except TesseraError as exc:
             log.error("aggregation of round %d failed: %s", action.round, exc)
+            if isinstance(exc, StorageError):  # a failed disk write: pause, do not retry blind
+                self._pause(exc)
             self._apply(self.engine.aggregate_failed(action.round, str(exc), self.clock()))
             return
         self.run = self.fed.store.run(run.run_id)
@@ -500,7 +664,7 @@ class CoordinatorServer:
     def _opt_state_before(self, run_id: str, rnd: int, strategy: StrategyConfig) -> str | None:
         """Digest of the server optimiser's state after round ``rnd - 1`` (``None``: round 1,
         or a strategy without server state)."""
-        if not isinstance(strategy, ServerOptConfig) or rnd == 1:
+        if server_optimiser(strategy) is None or rnd == 1:
             return None
         prev = self.fed.store.round_row(run_id, rnd - 1)
         digest = prev.get("opt_state") if prev else None
@@ -546,18 +710,21 @@ class CoordinatorServer:
         try:
             await self._flush(conn)
             async for frame in ws:
-                verdict = meter.admit(self.clock())
+                # Decoded before it is metered: what a frame costs depends on what it is.
+                session.receive_frame(frame)
+                events = session.events_received()
+                verdict = meter.admit(self.clock(), self._frame_cost(conn, events))
                 if not verdict.allowed:
-                    log.warning("disconnecting %s (%s): %s", conn.site_id, peer, verdict.code)
-                    session.close(verdict.code, verdict.reason)
-                    ws.close_timeout = 1
-                    await self._flush(conn)
+                    await self._disconnect_flooder(conn, verdict.code, verdict.reason)
                     break
                 if verdict.wait_s > 0:  # back-pressure: TCP slows the sender meanwhile
                     await asyncio.sleep(verdict.wait_s)
-                session.receive_frame(frame)
-                for event in session.events_received():
-                    await self._on_event(conn, event)
+                try:
+                    for event in events:
+                        await self._on_event(conn, event)
+                except (OSError, StorageError) as exc:  # a disk write failed: pause the run
+                    self._pause(exc)
+                    session.close("coordinator.paused", PAUSED_MESSAGE)
                 await self._flush(conn)
                 if session.closed:
                     break
@@ -567,7 +734,10 @@ class CoordinatorServer:
             self.pending.closed(ws)
             self._conns.pop(ws, None)
             for upload in conn.uploads.values():
-                upload.fh.close()
+                # Closing flushes: after a failed write the flush fails too (the run is
+                # paused by then); the file is closed either way.
+                with contextlib.suppress(OSError):
+                    upload.fh.close()
             site_id = conn.site_id
             if site_id is not None and self.connections.get(site_id) in (None, conn):
                 # This site's uploads and queued offers end with it (unless a newer
@@ -578,7 +748,52 @@ class CoordinatorServer:
                 del self.connections[site_id]
                 if self.engine is not None:
                     self._apply(self.engine.site_offline(site_id, self.clock()))
+                    self.secagg.site_gone(site_id)
             await ws.close()
+
+    def _frame_cost(self, conn: Connection, events: list[Event]) -> float:
+        """What one frame costs against its connection's message rate. A chunk of an accepted
+        upload is bounded by bytes instead (``PeerLimits.free_chunk_bytes``): a big update in
+        many chunks is not a flood. A chunk acknowledgement is free while it answers a chunk
+        sent to this peer (``TransferAccept`` of a download grants one per chunk to come).
+        Anything else is one message."""
+        for event in events:
+            if isinstance(event, ChunkReceived):
+                free = event.complete or len(event.data) >= self.peer_limits.free_chunk_bytes
+                return 0.0 if free else 1.0
+            if not isinstance(event, MessageReceived):
+                continue
+            msg = event.message
+            if isinstance(msg, ChunkAck) and conn.ack_credit > 0:
+                conn.ack_credit -= 1
+                return 0.0
+            if isinstance(msg, TransferAccept):
+                offer = self._download_offer(msg.transfer_id)
+                if offer is not None:
+                    conn.ack_credit += max(0, offer.total_chunks - msg.next_index)
+        return 1.0
+
+    def _download_offer(self, transfer_id: str) -> TransferOffer | None:
+        """The offer of a payload this coordinator serves (round model, final model,
+        release) with id ``transfer_id``."""
+        for model in (self.model, self._final):
+            if model is not None and model.offer.transfer_id == transfer_id:
+                return model.offer
+        pack = self._release_packs.get(transfer_id)
+        return pack[2].offer if pack is not None else None
+
+    async def _disconnect_flooder(self, conn: Connection, code: str, reason: str) -> None:
+        """Close a connection that kept sending above its message rate: a fatal error with
+        ``code``, then the websocket with 1008 (policy violation) and the code as its
+        reason. The site reconnects with backoff; the flood's frames are dropped unread."""
+        who = conn.site_id or "an unidentified peer"
+        log.warning("disconnecting %s (%s): %s (%s)", who, conn.peer, reason, code)
+        conn.session.close(code, reason)
+        conn.ws.close_timeout = 1  # a flooder need not answer our close
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await self._flush(conn)
+        await conn.ws.close(CloseCode.POLICY_VIOLATION, f"{code}: too many messages")
 
     async def _flush(self, conn: Connection) -> None:
         for frame in conn.session.data_to_send():
@@ -596,9 +811,13 @@ class CoordinatorServer:
                 # In a thread: the loop serves the other sites meanwhile. Acknowledged after.
                 await asyncio.to_thread(_write_chunk, upload.fh, event.data)
                 conn.session.ack(event.transfer_id)
+            else:
+                self.secagg.on_chunk(conn, event)  # a masked update, summed when complete
         elif isinstance(event, TransferComplete):
             upload = conn.uploads.pop(event.offer.transfer_id, None)
-            if upload is not None:
+            if upload is None:
+                self.secagg.on_complete(conn, event)
+            else:
                 try:
                     await self._finish_upload(conn, upload)
                 finally:
@@ -620,7 +839,9 @@ class CoordinatorServer:
     async def _on_message(self, conn: Connection, msg: Any) -> None:
         now = self.clock()
         if isinstance(msg, Enrol | Authenticate):
-            verdict = self.identity_guard.check(conn.peer, now)
+            # An enrolled site's sign-in is never throttled by address (limits.IdentityGuard).
+            enrolled = isinstance(msg, Authenticate) and self.fed.store.site(msg.site_id)
+            verdict = ALLOWED if enrolled else self.identity_guard.check(conn.peer, now)
             if not verdict.allowed:
                 log.warning("identity attempt from %s throttled", conn.peer)
                 conn.session.reject(verdict.code, verdict.reason)
@@ -640,13 +861,7 @@ class CoordinatorServer:
                 None,
             )
             if model is not None:
-                try:
-                    for frame in chunk_frames(model.offer, model.data, msg.next_index):
-                        await conn.ws.send(frame)
-                except TransferError as exc:  # a resume index beyond the model's chunks
-                    conn.session.send(
-                        ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE)
-                    )
+                await self._send_model(conn, model, msg)
             else:
                 conn.session.send(
                     ErrorMessage(
@@ -657,6 +872,8 @@ class CoordinatorServer:
             pass  # download progress; resume uses the site's own TransferAccept
         elif isinstance(msg, UpdateOffer):
             self._offer(conn, msg, now)
+        elif isinstance(msg, SECAGG_MESSAGES) and conn.site_id is not None:
+            self.secagg.on_message(conn, msg, now)
         elif isinstance(msg, RoundDecline):
             log.info("site %s declined round %d: %s", conn.site_id, msg.round, msg.reason)
             if self.engine is not None and self.run is not None and msg.run_id == self.run.run_id:
@@ -666,6 +883,7 @@ class CoordinatorServer:
             log.info(
                 "site %s shared its data summary (%d images)", conn.site_id, msg.summary["images"]
             )
+            self._assess_scanner_shift(now)
         elif (
             isinstance(
                 msg, CharterSignature | PlanDecision | ValidationReport | HeadRequest | Dispute
@@ -757,7 +975,6 @@ class CoordinatorServer:
             )
         except TesseraError as exc:
             log.warning("authentication of %s failed: %s", msg.site_id, exc)
-            self.identity_guard.failed(conn.peer, now)
             conn.session.reject(exc.code, "authentication failed: the signature does not verify")
             return
         self._welcome(conn, site.site_id, site.name, now)
@@ -882,9 +1099,28 @@ class CoordinatorServer:
         except TransferError as exc:
             conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
 
+    async def _send_model(self, conn: Connection, model: RoundModel, msg: TransferAccept) -> None:
+        """Send ``model`` from ``msg.next_index`` on, in its turn: model transfers go one at a
+        time, in the order the sites asked (``MODEL_TURN_WAIT_S``)."""
+        try:
+            await asyncio.wait_for(self._model_turn.acquire(), MODEL_TURN_WAIT_S)
+            held = True
+        except TimeoutError:
+            held = False  # the transfer ahead is stalled: go alongside it
+        try:
+            for frame in chunk_frames(model.offer, model.data, msg.next_index):
+                await conn.ws.send(frame)
+        except TransferError as exc:  # a resume index beyond the model's chunks
+            conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
+        finally:
+            if held:
+                self._model_turn.release()
+
     async def _flush_and_close(self, conn: Connection) -> None:
         conn.ws.close_timeout = 1  # a peer that stopped reading must not hold the socket
-        await self._flush(conn)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await self._flush(conn)
         await conn.ws.close()
 
     # -- updates -------------------------------------------------------------------------
@@ -947,6 +1183,9 @@ class CoordinatorServer:
                 f"update of {offer.size} bytes is larger than the model allows",
             )
             return
+        if self._offered[0] != (run.run_id, msg.round):
+            self._offered = ((run.run_id, msg.round), {})
+        self._offered[1][site_id] = msg.num_samples
         verdict = self.upload_slots.request(site_id, offer.transfer_id)
         if verdict.code == "update.queued":
             # Say nothing: the site waits for its TransferAccept, sent when a slot frees.
@@ -1010,7 +1249,12 @@ class CoordinatorServer:
         # The fsync waits for the disk while the check reads the page cache.
         synced = asyncio.ensure_future(asyncio.to_thread(_fsync_and_close, upload.fh))
         try:
-            layout = layout_of(await self._model_arrays(run.model_digest))
+            # What sites upload: the model's entries, less FedBN's local ones.
+            strategy = make_strategy(
+                plan.aggregation, plan.aggregation_params, weighting=plan.weighting
+            )
+            layout = upload_layout(strategy, layout_of(await self._model_arrays(run.model_digest)))
+            fold = self._fold_for(msg.round, strategy, layout)
             norm = await asyncio.to_thread(
                 functools.partial(
                     check_update,
@@ -1019,6 +1263,8 @@ class CoordinatorServer:
                     run.model_digest,
                     plan.max_update_norm,
                     layout=layout,
+                    codec=plan.codec,
+                    fold=None if fold is None else (fold, site_id, msg.update_offer.sha256),
                 )
             )
         except TesseraError as exc:
@@ -1031,7 +1277,12 @@ class CoordinatorServer:
         try:
             # Durable (file and directory fsynced, row committed) before it is acknowledged.
             await synced
-            await asyncio.to_thread(self.fed.blobs.adopt, upload.path, digest)
+            # Folded now, or read again once the fold can be made: cached until then.
+            await asyncio.to_thread(
+                functools.partial(
+                    self.fed.blobs.adopt, upload.path, digest, drop_cache=fold is not None
+                )
+            )
             self.fed.store.add_update(
                 UpdateRecord(
                     run.run_id,
@@ -1059,6 +1310,33 @@ class CoordinatorServer:
         await self._flush(conn)
         self._apply(self.engine.update_stored(site_id, msg.round, self.clock()))
 
+    def _fold_for(self, rnd: int, strategy: StrategyConfig, layout: Any) -> RoundFold | None:
+        """The open round's fold (``coordinator.aggregation.RoundFold``), made once every site
+        expected in it (selected, not declined) has offered its update, whose sample counts
+        fix the weights; made anew when the expected sites change. ``None`` until then, and
+        for the strategies that take no weighted mean."""
+        run, state = self.run, self.engine.open if self.engine is not None else None
+        key, offered = self._offered
+        if run is None or state is None or state.round != rnd or key != (run.run_id, rnd):
+            return None
+        expected = state.selected - state.declined
+        if not expected or not expected <= offered.keys():
+            return None
+        raw = fold_weights(strategy, {s: offered[s] for s in expected})
+        if raw is None:
+            return None
+        fold, fold_key = self._fold, (run.run_id, rnd, run.model_digest)
+        if fold is None or fold.key != fold_key or fold.raw != raw:
+            fold = self._fold = RoundFold(layout, raw, key=fold_key)
+            # Updates stored before the last offer came are folded from disk meanwhile.
+            stored = [u for u in self.fed.store.updates(run.run_id, rnd) if u.site_id in raw]
+            if stored:
+                codec = self.plan.codec if self.plan is not None else None
+                self._fold_catchup = asyncio.ensure_future(
+                    asyncio.to_thread(fold_stored, fold, self.fed.blobs, stored, layout, codec)
+                )
+        return fold
+
     def _refuse(self, conn: Connection, msg: Any, code: str, reason: str) -> None:
         conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))
 
@@ -1073,8 +1351,9 @@ class CoordinatorServer:
 
 def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
     """Decoded weights, read-only: one decode serves several steps of the round (update
-    checks, the aggregate, a retried aggregate), so none of them may change it."""
-    arrays = decode_tensors(data)
+    checks, the aggregate, a retried aggregate), so none of them may change it. Views of
+    ``data`` (immutable ``bytes``, kept alive by them), not a copy."""
+    arrays = decode_tensors(data, copy=False)
     for array in arrays.values():
         array.setflags(write=False)
     return arrays
@@ -1083,6 +1362,9 @@ def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
 def _write_chunk(fh: Any, data: bytes) -> None:
     fh.write(data)
     fh.flush()
+    # The disk gets the update as it arrives, so the fsync before its acknowledgement waits
+    # for the last chunk or two rather than for the whole update.
+    start_writeback(fh.fileno(), fh.tell() - len(data), len(data))
 
 
 def _fsync_and_close(fh: Any) -> None:

@@ -28,9 +28,10 @@ Tree::
     ├── PrivacyError                      privacy.*
     │   ├── PrivacyParameterError         invalid accountant, budget or quantisation settings
     │   ├── PrivacyBudgetExceeded         a round would take a site past its epsilon cap
-    │   └── SecureAggregationError        privacy.secagg.*
-    │       ├── SecretSharingError        too few, duplicate or inconsistent Shamir shares
-    │       └── SecAggMessageRejected     forged, replayed, unexpected or unsafe messages
+    │   ├── SecureAggregationError        privacy.secagg.*
+    │   │   ├── SecretSharingError        too few, duplicate or inconsistent Shamir shares
+    │   │   └── SecAggMessageRejected     forged, replayed, unexpected or unsafe messages
+    │   └── HomomorphicError              privacy.he.* (CKKS keys, ciphertexts, shapes)
     ├── shared.provenance.errors.ProvenanceError  provenance.* (log rewritten, bad tree head)
     ├── ReleaseError                      release.* (a model release: version, altered or
     │                                     unsigned file, not in the provenance log)
@@ -208,6 +209,19 @@ class SecAggMessageRejected(SecureAggregationError):
     """
 
     code = "privacy.secagg.rejected"
+
+
+class HomomorphicError(PrivacyError):
+    """Homomorphic-encryption aggregation (CKKS) cannot use what it was given.
+
+    Codes: ``privacy.he.key_rejected`` (a sealed key blob that does not open: wrong key, other
+    run, altered), ``privacy.he.malformed`` (bytes that are not our ciphertext or context),
+    ``privacy.he.shape_mismatch`` (encrypted updates of different lengths or packings),
+    ``privacy.he.secret_key`` (a secret key where none may be, or none where one is needed),
+    ``privacy.he.bad_parameter`` (invalid CKKS parameters, weights or values).
+    """
+
+    code = "privacy.he"
 
 
 # --- releases ---------------------------------------------------------------------------

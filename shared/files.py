@@ -7,10 +7,15 @@ blobs, the site for objects pushed from its PACS.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import mmap
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def write_durably(path: Path, parts: Sequence[bytes | memoryview]) -> None:
@@ -33,6 +38,56 @@ def write_durably(path: Path, parts: Sequence[bytes | memoryview]) -> None:
     fsync_dir(path.parent)
     if new_dir:
         fsync_dir(path.parent.parent)
+
+
+def map_file(path: Path) -> memoryview | bytes:
+    """A file's bytes, read-only, mapped rather than copied: a payload of tens of MB that is
+    only sent on (an update in the site's outbox) costs no copy of its own and no fresh
+    memory. On POSIX the mapping stays valid after the file is renamed or deleted, for as long
+    as the view is referenced; Windows refuses to rename or delete a mapped file, so there the
+    bytes are read. Raises ``OSError``."""
+    with open(path, "rb") as fh:
+        if os.name == "nt" or os.fstat(fh.fileno()).st_size == 0:
+            return fh.read()  # an empty file cannot be mapped either
+        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to the disk
+    now, without waiting for it (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; nothing
+    elsewhere). Why: a file written piece by piece and fsynced at the end otherwise goes to
+    the disk all at once inside that fsync, which an acknowledgement waits for, and while the
+    journal commit it starts waits for those tens of MB, writers of other files on the file
+    system stall too. It guarantees nothing: the fsync still makes the file durable."""
+    call = _sync_file_range()
+    if call is not None and length > 0:
+        call(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; failure only means no head start
+
+
+def drop_cached(fd: int) -> None:
+    """Let the kernel drop the cached pages of a file whose bytes are on the disk (fsynced)
+    and that nobody reads back soon (``posix_fadvise(DONTNEED)``; nothing where it does not
+    exist). Why: a coordinator keeps every update and model it receives, tens of MB a round;
+    cached, they make the page cache grow by as much every round, and on a virtual machine
+    memory the kernel takes for the first time costs several times what reused pages cost
+    (measured: 200 MB written to new files, 0.05 s when earlier files' pages are freed, 0.48 s
+    when they stay cached). Dropped, their pages are reused by the next round's writes."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@functools.cache
+def _sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def fsync_dir(path: Path) -> None:

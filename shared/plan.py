@@ -18,11 +18,19 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from shared.aggregation import AGGREGATIONS, make_strategy, validate_strategy
+from shared.aggregation import (
+    AGGREGATIONS,
+    local_keys,
+    local_training_options,
+    make_strategy,
+    validate_strategy,
+)
 from shared.canonical import canonical_json, sha256_hex
+from shared.compression import Codec, get_codec, validate_compression
 from shared.errors import PlanError, PrivacyParameterError
 from shared.models.registry import get_architecture, resolve_hyperparameters
 from shared.privacy.client_dp import ClientDP, run_epsilon
+from shared.privacy.dp_sgd import ExampleDP
 from shared.types import PlanHash
 
 PreprocessValue = str | int | float | bool | None
@@ -117,8 +125,27 @@ class TrainingPlan:
     it (its full share: without secure aggregation the coordinator sees each update), and the
     run costs each site the epsilon of ``rounds`` Gaussian mechanisms at sample rate 1. It
     needs equal weighting and no ``max_update_norm`` (the reasons are in the refusals).
-    ``secure_aggregation`` is refused in this version. Both are left out of the canonical
-    JSON at their defaults (null, false), so plans written before them keep their hashes."""
+    With ``"level": "example"`` the block selects example-level DP-SGD in local training
+    instead (``shared.privacy.dp_sgd``: ``{"level": "example", "noise_multiplier": z,
+    "max_grad_norm": C, "delta": d}``): its epsilon depends on each site's number of images,
+    so each site computes it (``epsilon`` is ``None``), and it needs an architecture without
+    BatchNorm and no proximal term.
+    ``secure_aggregation`` masks each site's update (Bonawitz et al., CCS 2017,
+    ``shared.privacy.secagg``) so that the coordinator only sees the sum; it needs at least 3
+    sites, equal weighting, no compression and a bound on each update (``max_update_norm`` or
+    client-level ``dp``'s ``clip_norm``); each site then adds only its share of the DP noise.
+
+    ``compression`` names the codec each site encodes its update with and the coordinator
+    decodes before aggregating (``shared.compression.get_codec``: ``"none"``, ``"fp16"``,
+    ``"int8"``, ``"topk:<fraction>"``, ``"topk:<fraction>+int8"``, each optionally ``+zstd``);
+    top-k keeps what it did not send at the site (error feedback). It is stored in its
+    canonical spelling, so equal codecs give equal plan hashes. ``dp``, ``secure_aggregation``
+    and ``compression`` are left out of the canonical JSON at their defaults (null, false,
+    ``"none"``), so plans written before them keep their hashes.
+
+    ``aggregation: "fedbn"`` (Li et al., ICLR 2021) needs an architecture with normalisation
+    layers that track running statistics (BatchNorm): their entries stay at each site
+    (``shared.aggregation.fedbn``)."""
 
     name: str
     task: Literal["binary_classification"] = "binary_classification"
@@ -145,8 +172,9 @@ class TrainingPlan:
     aggregation_params: Mapping[str, PreprocessValue] = field(default_factory=FrozenMap)
     weighting: Literal["samples", "uniform"] = "samples"
     max_update_norm: float | None = None
-    dp: ClientDP | None = None
+    dp: ClientDP | ExampleDP | None = None
     secure_aggregation: bool = False
+    compression: str = "none"  # a codec name, see shared.compression.get_codec
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -192,33 +220,23 @@ class TrainingPlan:
         _check_str("aggregation", self.aggregation, choices=AGGREGATIONS)
         _check_str("weighting", self.weighting, choices=WEIGHTINGS)
         put("aggregation_params", _frozen_map("aggregation_params", self.aggregation_params))
-        if self.aggregation == "fedbn":
-            raise PlanError(
-                "Aggregation 'fedbn' is not available in this version yet: sites cannot keep "
-                "their normalisation layers local. Choose fedavg or another strategy.",
-                code="plan.invalid",
-                field="aggregation",
-            )
         strategy = make_strategy(
             self.aggregation, dict(self.aggregation_params), weighting=self.weighting
         )
         if not isinstance(self.secure_aggregation, bool):
             raise _invalid("secure_aggregation", "true or false", self.secure_aggregation)
-        # Compression is not a plan field yet. The strategy's reasons come first: they say
-        # why a combination can never work, which is more use than "not available yet".
+        codec = _codec(self.compression)
+        put("compression", codec.name)
+        # The reasons why a combination can never work come first: they are more use than
+        # "not available yet".
         validate_strategy(
             strategy,
             secure_aggregation=self.secure_aggregation,
-            compression=None,
+            compression=None if codec.name == "none" else codec.name,
+            norm_layers=True,  # FedBN's need for them is checked with the architecture, last
             min_updates=self.quorum,
         )
-        if self.secure_aggregation:
-            raise PlanError(
-                "Secure aggregation is not available in this version yet: the coordinator "
-                "would see each site's update. Set secure_aggregation to false.",
-                code="plan.invalid",
-                field="secure_aggregation",
-            )
+        validate_compression(codec, secure_aggregation=self.secure_aggregation)
         if self.max_update_norm is not None:
             allowed = "null or a finite number > 0"
             norm = _float("max_update_norm", self.max_update_norm, allowed)
@@ -228,6 +246,8 @@ class TrainingPlan:
         if self.dp is not None:
             put("dp", _client_dp(self.dp))
             self._check_dp()
+        if self.secure_aggregation:
+            self._check_secure_aggregation(codec)
         # Last: the registry's error lists what this installation can build.
         spec = get_architecture(self.architecture, self.architecture_version)
         params = _frozen_map("architecture_params", self.architecture_params)
@@ -235,9 +255,25 @@ class TrainingPlan:
             "architecture_params",
             FrozenMap(resolve_hyperparameters(spec, params, input_size=self.input_size)),
         )
+        if self.aggregation == "fedbn":
+            validate_strategy(
+                strategy,
+                secure_aggregation=self.secure_aggregation,
+                compression=None,
+                norm_layers=_local_layer_names(self),
+            )
+        if isinstance(self.dp, ExampleDP):
+            self._check_example_dp()
+
+    @property
+    def codec(self) -> Codec:
+        """The update codec ``compression`` names (sites encode, the coordinator decodes)."""
+        return get_codec(self.compression)
 
     def _check_dp(self) -> None:
         """Refuse what client-level DP cannot be combined with, saying why."""
+        if isinstance(self.dp, ExampleDP):
+            return  # checked last, with the architecture (_check_example_dp)
         if self.weighting != "uniform":
             raise PlanError(
                 'Differential privacy needs equal weighting (weighting: "uniform"): weighting '
@@ -257,10 +293,82 @@ class TrainingPlan:
                 field="max_update_norm",
             )
 
+    def _check_secure_aggregation(self, codec: Codec) -> None:
+        """Refuse what secure aggregation (``shared.privacy.secagg``) cannot work with."""
+
+        def refuse(field: str, why: str) -> PlanError:
+            return PlanError(why, code="plan.invalid", field=field)
+
+        if codec.name != "none":
+            raise refuse(
+                "compression",
+                f"Compression {codec.name!r} cannot be combined with secure aggregation: each "
+                "update is quantised to integers and masked, which compression would break. "
+                "Set compression to 'none'.",
+            )
+        if self.min_sites < 3:
+            raise refuse(
+                "min_sites",
+                "Secure aggregation needs at least 3 sites per round (min_sites >= 3): a "
+                "majority of the sites must survive to remove the masks, and with 2 sites the "
+                "sum would reveal the other site's update to each. Raise min_sites to 3.",
+            )
+        if self.weighting != "uniform":
+            raise refuse(
+                "weighting",
+                'Secure aggregation needs equal weighting (weighting: "uniform"): the '
+                "coordinator only sees the sum, so it cannot weight each site's update by its "
+                'sample count. Set weighting to "uniform".',
+            )
+        if self.secagg_clip_norm is None:
+            raise refuse(
+                "max_update_norm",
+                "Secure aggregation needs a bound on each update's size, to quantise it "
+                "without overflow: set max_update_norm (or a client-level dp block, whose "
+                "clip_norm is used).",
+            )
+
+    @property
+    def secagg_clip_norm(self) -> float | None:
+        """The L2 bound each site clips its update to before masking: ``dp.clip_norm`` with
+        client-level DP, else ``max_update_norm``."""
+        if isinstance(self.dp, ClientDP):
+            return self.dp.clip_norm
+        return self.max_update_norm
+
+    def _check_example_dp(self) -> None:
+        """Refuse what DP-SGD cannot train, saying why."""
+        if local_training_options(
+            make_strategy(self.aggregation, dict(self.aggregation_params), weighting=self.weighting)
+        ):
+            raise PlanError(
+                f"Example-level differential privacy cannot be combined with "
+                f"{self.aggregation!r}: its proximal term adds a gradient that is not clipped "
+                "per example, so the noise would not cover it. Choose fedavg or a server "
+                "optimiser.",
+                code="plan.invalid",
+                field="aggregation",
+            )
+        layers = _batch_norm_layers(self)
+        if layers:
+            raise PlanError(
+                f"Example-level differential privacy cannot train {self.architecture} "
+                f"v{self.architecture_version}: its BatchNorm layers ({', '.join(layers[:3])}"
+                f"{', ...' if len(layers) > 3 else ''}) mix the images of a batch, so one "
+                "image's gradient cannot be clipped on its own. Choose an architecture without "
+                "BatchNorm, such as small_cnn_gn (GroupNorm) or mlp.",
+                code="plan.invalid",
+                field="architecture",
+            )
+
     @property
     def epsilon(self) -> float | None:
-        """The epsilon the whole run costs each site (at ``dp.delta``); ``None`` without DP."""
-        return None if self.dp is None else run_epsilon(self.dp, self.rounds)
+        """The epsilon the whole run costs each site (at ``dp.delta``) under client-level DP;
+        ``None`` without DP, and for example-level DP, whose epsilon depends on the site's
+        number of images (``site_client.core.governance_view.plan_privacy`` computes it)."""
+        if not isinstance(self.dp, ClientDP):
+            return None
+        return run_epsilon(self.dp, self.rounds)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
@@ -305,6 +413,8 @@ class TrainingPlan:
             result["dp"] = self.dp.to_dict()
         if not self.secure_aggregation:
             del result["secure_aggregation"]
+        if self.compression == "none":
+            del result["compression"]
         return result
 
     def canonical_json(self) -> bytes:
@@ -330,10 +440,48 @@ def _frozen_map(name: str, value: Any) -> FrozenMap:
     return value if isinstance(value, FrozenMap) else FrozenMap(value)
 
 
-def _client_dp(value: Any) -> ClientDP:
-    if isinstance(value, ClientDP):
+def _codec(value: Any) -> Codec:
+    try:
+        return get_codec(value)
+    except PlanError as exc:
+        raise PlanError(
+            f"Plan field 'compression' is invalid: {exc.message}",
+            code="plan.invalid",
+            field="compression",
+        ) from exc
+
+
+def _local_layer_names(plan: TrainingPlan) -> frozenset[str]:
+    """The entries FedBN keeps at the sites for ``plan``'s model (``fedbn.local_keys`` over
+    its floating-point state: what travels, by name, as the coordinator sees it). The model
+    is built on torch's ``meta`` device: shapes only, no memory, no weights drawn."""
+    import torch
+
+    spec = get_architecture(plan.architecture, plan.architecture_version)
+    with torch.device("meta"):
+        model = spec.builder(1, 1, plan.input_size, dict(plan.architecture_params))  # type: ignore[arg-type]
+    names = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+    return local_keys(names)
+
+
+def _batch_norm_layers(plan: TrainingPlan) -> list[str]:
+    """The names of ``plan``'s model's batch-normalisation layers (built on torch's ``meta``
+    device: shapes only, no memory, no weights drawn)."""
+    import torch
+    from torch import nn
+
+    spec = get_architecture(plan.architecture, plan.architecture_version)
+    with torch.device("meta"):
+        model = spec.builder(1, 1, plan.input_size, dict(plan.architecture_params))  # type: ignore[arg-type]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _client_dp(value: Any) -> ClientDP | ExampleDP:
+    if isinstance(value, ClientDP | ExampleDP):
         return value
     try:
+        if isinstance(value, Mapping) and "level" in value:
+            return ExampleDP.from_dict(value)
         return ClientDP.from_dict(value)
     except PrivacyParameterError as exc:
         raise PlanError(

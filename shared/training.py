@@ -10,11 +10,19 @@ reproducible too and the caller's global RNG is untouched. Same weights, data, p
 give bit-identical weights in the same process (torch's CPU kernels are deterministic for a
 fixed thread count, which we never change). Batches are gathered by index from the arrays, so a
 memory-mapped tensor cache is read one batch at a time.
+
+A plan with example-level DP (``dp.level == "example"``, ``shared.privacy.dp_sgd``) trains
+with DP-SGD instead (``_train_dp_sgd``): Poisson-sampled batches and Opacus's per-example
+clipping and noise. Its sampling and noise come from a separate generator that must be
+unpredictable (``dp_seed``: from ``os.urandom`` unless a test fixes it), so such a run is not
+reproducible from the plan's seed: noise that anyone could regenerate would protect nobody.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +33,7 @@ from torch import nn
 from shared.errors import DataError, TrainingCancelled, TrainingError
 from shared.metrics import Metrics, binary_metrics
 from shared.plan import TrainingPlan
+from shared.privacy.dp_sgd import ExampleDP, sample_rate, steps_per_round
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +109,7 @@ def train_local(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     proximal: float | None = None,
+    dp_seed: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``plan.local_epochs`` epochs on (images, labels).
 
@@ -109,8 +119,22 @@ def train_local(
     ``proximal`` is FedProx's mu: it adds ``mu/2 * ||w - w_start||^2``, where ``w_start`` are
     the weights the model had on entry (the global model), to limit client drift on non-IID
     data. Raises ``TrainingError(code="training.diverged")`` if the loss becomes NaN or Inf.
+    ``dp_seed`` seeds DP-SGD's sampling and noise (example-level DP plans only; tests only).
     """
     _check_data(images, labels)
+    if isinstance(plan.dp, ExampleDP):
+        return _train_dp_sgd(
+            model,
+            images,
+            labels,
+            plan,
+            plan.dp,
+            seed=seed,
+            dp_seed=dp_seed,
+            progress=progress,
+            should_stop=should_stop,
+            proximal=proximal,
+        )
     if proximal is not None and not (math.isfinite(proximal) and proximal >= 0):
         raise TrainingError(
             f"The proximal coefficient mu must be a finite number >= 0, got {proximal}.",
@@ -165,6 +189,99 @@ def train_local(
     finally:
         model.train(was_training)
     return TrainResult(num_samples=num_samples, steps=step, mean_loss=float(np.mean(losses)))
+
+
+def _train_dp_sgd(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    plan: TrainingPlan,
+    dp: ExampleDP,
+    *,
+    seed: int,
+    dp_seed: int | None,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    proximal: float | None,
+) -> TrainResult:
+    """DP-SGD (Abadi et al., CCS 2016) with Opacus's ``GradSampleModule`` (per-example
+    gradients) and ``DPOptimizer`` (clip each to ``dp.max_grad_norm``, add Gaussian noise of
+    standard deviation ``noise_multiplier * max_grad_norm``, divide by the expected batch size).
+    Each step takes every image independently with probability ``q = batch_size / N`` (Poisson
+    sampling, what the accountant assumes; a step may see no image and still adds noise), for
+    ``steps_per_round`` steps, so ``TrainResult.steps`` is what the site's budget is charged.
+    The model is left unwrapped (hooks removed) for the next round."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    if proximal:
+        raise TrainingError(
+            "DP-SGD cannot add FedProx's proximal term: its gradient is not clipped per image.",
+            code="training.config",
+        )
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise TrainingError(
+            f"This model cannot be trained with DP-SGD: {problems[0]}",
+            code="training.model",
+        )
+    num_samples = int(images.shape[0])
+    q = sample_rate(plan.batch_size, num_samples)
+    total_steps = steps_per_round(plan.local_epochs, plan.batch_size, num_samples)
+    if dp_seed is None:
+        dp_seed = int.from_bytes(os.urandom(8), "little") >> 1
+    secret = torch.Generator().manual_seed(dp_seed)  # sampling and noise: never the plan's seed
+    optimiser = DPOptimizer(
+        _optimiser(model, plan),
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=min(plan.batch_size, num_samples),
+        loss_reduction="mean",
+        generator=secret,
+    )
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
+    was_training = model.training
+    losses: list[float] = []
+    step = 0
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # Opacus's hooks on the first layer, whose input needs no gradient: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            torch.default_generator.manual_seed(seed)
+            model.train()
+            for step in range(total_steps):
+                if should_stop is not None and should_stop():
+                    raise TrainingCancelled(
+                        f"Training was cancelled after {step} of {total_steps} steps.",
+                        code="training.cancelled",
+                    )
+                index = torch.nonzero(torch.rand(num_samples, generator=secret) < q)[:, 0]
+                index_np = np.sort(index.numpy())
+                x = torch.from_numpy(np.ascontiguousarray(images[index_np], dtype=np.float32))
+                y = torch.from_numpy(np.ascontiguousarray(labels[index_np], dtype=np.float32))
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(_logits(wrapped, x), y) / max(1, len(index_np))
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"The training loss became {value} at step {step + 1}. "
+                        "Lower the plan's learning rate or check the images.",
+                        code="training.diverged",
+                    )
+                loss.backward()
+                optimiser.step()
+                if len(index_np):
+                    losses.append(value)
+                if progress is not None:
+                    progress(step + 1, total_steps)
+            step = total_steps
+    finally:
+        wrapped._close()
+        model.train(was_training)
+    mean_loss = float(np.mean(losses)) if losses else 0.0
+    return TrainResult(num_samples=num_samples, steps=step, mean_loss=mean_loss)
 
 
 def predict_scores(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -62,7 +62,7 @@ def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
 
     config = site_dir.load()
     torch.set_num_threads(max(1, args.threads or default_threads()))
-    loaded = load_release(args.release, config.coordinator_key)
+    loaded = load_release(args.release, config.coordinator_key, site_root=site_dir.root)
     release = loaded.release
     print(
         f"release {release.version} of run {release.run_id} verified: signed by the "
@@ -70,6 +70,14 @@ def dispatch(args: argparse.Namespace, site_dir: SiteDir) -> int:
         f"{release.entry_index} under a tree head of {release.head.size} entries)",
         file=sys.stderr,
     )
+    if loaded.own_layers:
+        print("with this site's own normalisation layers from that run (FedBN)", file=sys.stderr)
+    elif loaded.needs_own_layers:
+        print(
+            "warning: this release was trained with FedBN and this site kept no normalisation "
+            "layers of its run, so the release's initial ones are used; predictions may be poor",
+            file=sys.stderr,
+        )
     if args.folder is not None:
         files, base = folder_files(args.folder), Path(args.folder)
     else:

@@ -45,12 +45,16 @@ class ReleasedSite:
     coordinator_key: str
 
 
-def make_release_folder(root: Path, version: str = "1.0") -> tuple[Path, str]:
+def make_release_folder(
+    root: Path, version: str = "1.0", **plan_overrides: object
+) -> tuple[Path, str]:
     """A release folder of a real one-round run, and the coordinator's public key."""
     fed = Federation.init(root / "coord", CoordinatorConfig(federation="Release test"), now=10.0)
     try:
         fed.publish_charter(CHARTER.read_bytes(), now=11.0)
-        run = fed.start_run(fed.add_plan(demo_plan(rounds=1, input_size=SIZE), now=12.0))
+        run = fed.start_run(
+            fed.add_plan(demo_plan(rounds=1, input_size=SIZE, **plan_overrides), now=12.0)
+        )
         fed.store.open_round(run.run_id, 1, [], run.model_digest, 20.0, 80.0)
         fed.store.commit_round(run.run_id, 1, run.model_digest, 0, 0.5, True, 30.0)
         make_release(fed, run.run_id, version, root / "release", now=40.0)

@@ -16,17 +16,29 @@ normalisation layer with tracked statistics, and its ``weight``, ``bias`` and
 statistics); for the registry's models (small_cnn, densenet121: BatchNorm only) both agree,
 which the tests check.
 
-Site-side contract (to be wired; nothing here does I/O):
+Site-side contract (nothing here does I/O; ``site_client/core/train_worker.py`` and
+``local_state.py`` carry it out):
 
-1. The site keeps its own values of the local entries between rounds, in its own storage; in
-   the first round they are the global model's initial values.
-2. On receiving a global model it loads it, then overwrites the local entries with its own
+1. The site keeps its own values of the local entries between rounds, per round, in the run's
+   folder of its data directory, so a restarted site keeps them; in the first round they are
+   the global model's initial values.
+2. On receiving a global model it overwrites the local entries with its own
    (:func:`merge_local`), trains, and stores the new local entries.
 3. It sends the delta of the **shared** entries only (:func:`split_update`): its normalisation
-   statistics never leave the hospital, and the coordinator validates updates against the
-   shared layout.
-4. The global model's local entries are never changed by aggregation (they stay at their
-   initial values); a released FedBN model is only complete with a site's own local entries.
+   layers never leave the hospital, and the coordinator checks updates against the shared
+   layout (``upload_layout``), so an update that carries a local entry is refused.
+4. It validates every global model (each round's and the final one) with its own local
+   entries in place: that is the model it would use.
+
+What the global model carries for the local entries: their **initial values**, unchanged by
+aggregation, and a FedBN model is complete only with a site's own local entries. Why not
+something "better": the coordinator never sees the sites' entries, so it cannot average them;
+asking the sites to send their running statistics at the end would send summary statistics of
+each hospital's images (per-channel means and variances) that FedBN exists to keep local, and
+their average fits no site, which is the feature shift FedBN is for (the heterogeneity
+benchmark's "whole" AUC shows it). A hospital using the released model uses it as it
+validated it: with its own layers, the ones it trained in the run. The initial values are a
+neutral placeholder (identity affine, zero mean, unit variance), not a model to use alone.
 """
 
 from __future__ import annotations

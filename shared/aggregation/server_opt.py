@@ -1,4 +1,4 @@
-"""Adaptive server optimisers: FedAdam, FedYogi, FedAdagrad.
+"""Server optimisers: FedAdam, FedYogi, FedAdagrad, and server momentum (FedAvgM).
 
 Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated
 Optimization", ICLR 2021, Algorithm 2. The round's aggregated delta ``D`` (mean of the sites'
@@ -10,6 +10,13 @@ optimiser on the coordinator, per parameter:
     v  = beta2 * v + (1 - beta2) * D**2                      FedAdam
     v  = v - (1 - beta2) * D**2 * sign(v - D**2)             FedYogi
     x  = x + eta * m / (sqrt(v) + tau)
+
+Server momentum (FedAvgM; Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data
+Distribution for Federated Visual Classification", 2019) is the same loop with SGD and heavy-ball
+momentum on the server, ``m = beta1 * m + D``, ``x = x + eta * m`` (``v`` unused, kept at
+``tau**2``): consistent directions across rounds accumulate, which speeds up federated training
+where each round moves the model only as far as one site's few local steps. It is not a plan
+strategy by itself; FedBN uses it (``aggregation_params: {"server_momentum": beta}``, eta 1).
 
 As in the paper there is no bias correction, and ``v`` starts at ``tau**2`` (Algorithm 2 asks
 for ``v_{-1} >= tau**2``; we take the bound), ``m`` at zero. ``beta2`` is unused by FedAdagrad.
@@ -41,6 +48,8 @@ from shared.aggregation.validation import check_keys, check_tensor_meta
 from shared.errors import UpdateError
 
 SERVER_OPTIMISERS = ("fedadam", "fedyogi", "fedadagrad")
+# Server momentum; not a plan strategy by itself, chosen through FedBN's ``server_momentum``.
+MOMENTUM: Literal["fedavgm"] = "fedavgm"
 WEIGHTINGS = ("samples", "uniform")
 
 
@@ -50,7 +59,7 @@ class ServerOptConfig:
     ``PlanError(plan.invalid)``. ``weighting`` is how the sites' deltas are averaged into the
     pseudo-gradient (FedAvg's rule; the paper uses the uniform mean)."""
 
-    optimiser: Literal["fedadam", "fedyogi", "fedadagrad"]
+    optimiser: Literal["fedadam", "fedyogi", "fedadagrad", "fedavgm"]
     eta: float = 1e-2
     beta1: float = 0.9
     beta2: float = 0.99
@@ -58,7 +67,7 @@ class ServerOptConfig:
     weighting: Literal["samples", "uniform"] = "samples"
 
     def __post_init__(self) -> None:
-        choice("optimiser", self.optimiser, SERVER_OPTIMISERS)
+        choice("optimiser", self.optimiser, (*SERVER_OPTIMISERS, MOMENTUM))
         put = object.__setattr__
         put(self, "eta", number("eta", self.eta, low=0.0, low_open=True))
         put(self, "beta1", number("beta1", self.beta1, low=0.0, high=1.0))
@@ -205,6 +214,12 @@ def server_step(
             new_m[name], new_v[name] = state.m[name], state.v[name]
             continue
         d = np.asarray(mean_delta[name], dtype=np.float64)
+        x = np.asarray(global_weights[name])
+        if config.optimiser == MOMENTUM:
+            m = b1 * state.m[name].astype(np.float64) + d
+            new_weights[name] = (x.astype(np.float64) + eta * m).astype(x.dtype)
+            new_m[name], new_v[name] = m.astype(np.float32), state.v[name]
+            continue
         d2 = d * d
         m = b1 * state.m[name].astype(np.float64) + (1.0 - b1) * d
         v = state.v[name].astype(np.float64)
@@ -214,7 +229,6 @@ def server_step(
             v = b2 * v + (1.0 - b2) * d2
         else:  # fedyogi
             v = v - (1.0 - b2) * d2 * np.sign(v - d2)
-        x = np.asarray(global_weights[name])
         new_weights[name] = (x.astype(np.float64) + eta * m / (np.sqrt(v) + tau)).astype(x.dtype)
         new_m[name] = m.astype(np.float32)
         # v > 0 in exact arithmetic (Yogi: v' >= beta2 * v); keep it so after rounding too.

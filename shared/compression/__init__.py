@@ -13,7 +13,13 @@ from shared.compression.codecs import (
     dequantise_int8,
     quantise_int8,
 )
-from shared.compression.registry import KNOWN, get_codec
+from shared.compression.registry import (
+    KNOWN,
+    get_codec,
+    inner_codec,
+    uses_error_feedback,
+    validate_compression,
+)
 from shared.compression.topk import ErrorFeedback, TopK, feedback_step, keep_count
 
 __all__ = [
@@ -28,6 +34,9 @@ __all__ = [
     "dequantise_int8",
     "feedback_step",
     "get_codec",
+    "inner_codec",
     "keep_count",
     "quantise_int8",
+    "uses_error_feedback",
+    "validate_compression",
 ]

@@ -1,5 +1,6 @@
 """Plan codec names -> codecs: ``none``, ``fp16``, ``int8``, ``topk:<fraction>`` and
-``topk:<fraction>+int8``, each optionally followed by ``+zstd`` (e.g. ``"int8+zstd"``)."""
+``topk:<fraction>+int8``, each optionally followed by ``+zstd`` (e.g. ``"int8+zstd"``), and the
+plan's check of which codecs can work with its other settings (:func:`validate_compression`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,46 @@ def get_codec(name: str) -> Codec:
             raise _unknown(name, ": the top-k fraction must be in (0, 1]")
         codec = TopK(fraction, int8_values=bool(match["int8"]))
     return Compressed(codec) if match["zstd"] else codec
+
+
+def inner_codec(codec: Codec) -> Codec:
+    """The codec under a ``+zstd`` wrapper (``codec`` itself when there is none)."""
+    return codec.codec if isinstance(codec, Compressed) else codec
+
+
+def uses_error_feedback(codec: Codec) -> bool:
+    """Whether a site keeps an error-feedback residual for ``codec``: top-k only, whose
+    dropped entries are most of the update (Stich et al. 2018). Rounding errors of fp16 and
+    int8 are below the training noise (``benchmarks/compression.py``), so they are not
+    carried over."""
+    return isinstance(inner_codec(codec), TopK)
+
+
+def validate_compression(codec: Codec, *, secure_aggregation: bool) -> None:
+    """Refuse a codec that cannot work with secure aggregation, with the reason
+    (``PlanError(plan.invalid)``, field ``compression``); the rules are those of
+    :mod:`shared.compression.codecs` ("Composition with secure aggregation")."""
+    if not secure_aggregation or codec.name == "none":
+        return
+    inner = inner_codec(codec)
+    if isinstance(inner, TopK):
+        why = (
+            "top-k sends different coordinates from each site, masks make every coordinate "
+            "non-zero so nothing stays sparse, and the chosen coordinates would reveal which "
+            "parameters a site moved most"
+        )
+    elif isinstance(inner, Int8):
+        why = (
+            "each site scales its int8 values by its own per-block scales, so the masked sum "
+            "of the integers means nothing, and the scales travel in clear"
+        )
+    elif isinstance(codec, Compressed):
+        why = "masked updates look like random bytes, which zstd cannot shrink"
+    else:
+        why = "masked values are integers of the ring's width, so float16 saves nothing"
+    raise PlanError(
+        f"Compression {codec.name!r} does not work with secure aggregation: {why}. Set "
+        "compression to 'none' or turn secure aggregation off.",
+        code="plan.invalid",
+        field="compression",
+    )

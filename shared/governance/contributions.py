@@ -39,8 +39,9 @@ class Contribution:
 def contributions(entries: Sequence[LogEntry], run_id: str | None = None) -> list[Contribution]:
     """Per enrolled site, in enrolment order; ``run_id`` limits the counts to one run.
 
-    An update counts as accepted when a closed round lists it among its inputs, so an update
-    received in an attempt that was later retried is not counted twice.
+    An update counts as accepted when a closed round (or a securely aggregated one) lists it
+    among its inputs, so an update received in an attempt that was later retried is not
+    counted twice.
     """
     sites: dict[str, Contribution] = {}
     for e in entries:
@@ -54,7 +55,9 @@ def contributions(entries: Sequence[LogEntry], run_id: str | None = None) -> lis
             for site_id in p.get("selected", []):
                 if site_id in sites:
                     sites[site_id].rounds_invited.add(p["round"])
-        elif e.kind == "round_closed":
+        elif e.kind in ("round_closed", "secure_aggregate_computed"):
+            # Under secure aggregation the round's inputs are the masked updates summed
+            # (``coordinator.secagg_server``); its round_closed entry lists none.
             for item in p.get("inputs", []):
                 c = sites.get(item["site_id"])
                 if c is not None:

@@ -60,11 +60,14 @@ class ArchitectureSpec:
     parameter_count: ParameterCount | None = None
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, *, groups: int = 0) -> nn.Sequential:
+    """``groups`` > 0: GroupNorm with that many groups instead of BatchNorm, and a ReLU that
+    is not in place (Opacus's per-example gradient hooks forbid modifying their outputs)."""
+    norm = nn.GroupNorm(groups, out_channels) if groups else nn.BatchNorm2d(out_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
+        norm,
+        nn.ReLU(inplace=not groups),
         nn.MaxPool2d(2),
     )
 
@@ -75,13 +78,13 @@ class SmallCNN(nn.Module):
     hospital's CPU. Global pooling makes it accept any input size of at least 32 (4 halvings
     leave at least 2x2)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 1) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, *, groups: int = 0) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            _conv_block(in_channels, 16),
-            _conv_block(16, 32),
-            _conv_block(32, 64),
-            _conv_block(64, 64),
+            _conv_block(in_channels, 16, groups=groups),
+            _conv_block(16, 32, groups=groups),
+            _conv_block(32, 64, groups=groups),
+            _conv_block(64, 64, groups=groups),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(64, num_classes)
@@ -111,6 +114,14 @@ def _small_cnn_v1(
 ) -> nn.Module:
     del input_size, params  # global pooling: the layers do not depend on the input size
     return SmallCNN(in_channels, num_classes)
+
+
+def _small_cnn_gn_v1(
+    in_channels: int, num_classes: int, input_size: int, params: Mapping[str, int]
+) -> nn.Module:
+    # GroupNorm normalises each image on its own, so per-example gradients exist (DP-SGD).
+    del input_size, params
+    return SmallCNN(in_channels, num_classes, groups=8)
 
 
 def _densenet121_v1(
@@ -144,6 +155,13 @@ _REGISTRY: dict[tuple[str, str], ArchitectureSpec] = {
             version="1",
             description="Small 2D CNN (4 conv blocks, ~60k parameters) for fast CPU training",
             builder=_small_cnn_v1,
+        ),
+        ArchitectureSpec(
+            name="small_cnn_gn",
+            version="1",
+            description="small_cnn with GroupNorm (8 groups) instead of BatchNorm: each image "
+            "is normalised on its own, as example-level DP-SGD needs",
+            builder=_small_cnn_gn_v1,
         ),
         ArchitectureSpec(
             name="densenet121",

@@ -7,6 +7,9 @@
 - ``shamir``: t-of-n secret sharing of 32-byte secrets.
 - ``secagg``: one round of dropout-tolerant secure aggregation (Bonawitz et al., CCS 2017),
   ``SecAggSite`` and ``SecAggServer``.
+- ``client_dp`` and ``dp_sgd``: client-level DP of a site's update, and example-level DP-SGD
+  settings and accounting (training itself is in ``shared.training``).
+- ``homomorphic``: CKKS aggregation building blocks (TenSEAL), imported on demand.
 """
 
 from shared.privacy.accountant import (

@@ -15,7 +15,7 @@ the *full* noise, standard deviation ``noise_multiplier * clip_norm`` per coordi
 own update, and its guarantee then holds whatever the coordinator and the other sites do
 (post-processing). Under secure aggregation the coordinator would only see the sum, and each of
 n sites could add a share of standard deviation ``z C / sqrt(n)`` so that the sum carries the
-full noise; that protocol is not wired in this version, so plans cannot ask for it yet.
+full noise; ``shared.privacy.secagg_plan`` does so under a plan's ``secure_aggregation``.
 
 **The accounting.** Each site takes part in every round it is invited to (sample rate 1: no
 amplification by sampling is claimed), once per round, so a run of R rounds costs the site
@@ -205,13 +205,32 @@ def protections(plan: Mapping[str, Any]) -> list[str]:
             secure,
             "No differential privacy: no privacy budget (epsilon) is spent or claimed.",
         ]
+    if isinstance(raw, Mapping) and "level" in raw:
+        from shared.privacy.dp_sgd import ExampleDP
+
+        example = ExampleDP.from_dict(raw)
+        return [
+            secure,
+            f"Example-level differential privacy (DP-SGD): during local training each site "
+            f"clips every training image's gradient to L2 norm {example.max_grad_norm:g} and "
+            f"adds Gaussian noise (noise multiplier {example.noise_multiplier:g}) at every "
+            f"step; the epsilon a site spends over {int(plan['rounds'])} round(s) depends on "
+            f"its number of training images (at delta {example.delta:g}), so each site "
+            "computes it and refuses any round beyond its own cap (RDP accountant).",
+        ]
     dp = ClientDP.from_dict(raw)
     rounds = int(plan["rounds"])
     epsilon = run_epsilon(dp, rounds)
+    noise = (
+        f"its share of Gaussian noise, so that the sum the coordinator sees carries noise of "
+        f"standard deviation {dp.noise_std:.3g}"
+        if plan.get("secure_aggregation")
+        else f"Gaussian noise of standard deviation {dp.noise_std:.3g}"
+    )
     return [
         secure,
         f"Client-level differential privacy: each site clips its update to L2 norm "
-        f"{dp.clip_norm:g} and adds Gaussian noise of standard deviation {dp.noise_std:.3g} "
+        f"{dp.clip_norm:g} and adds {noise} "
         f"(noise multiplier {dp.noise_multiplier:g}) before it leaves the site; over "
         f"{rounds} round(s) a site spends at most epsilon {epsilon:.4g} at delta {dp.delta:g} "
         "(RDP accountant, every round counted).",

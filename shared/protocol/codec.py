@@ -17,7 +17,7 @@ import math
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from shared.errors import LocalProtocolError, RemoteProtocolError
 from shared.protocol.messages import MESSAGE_TYPES, Message
@@ -74,7 +74,9 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     end = _PREFIX.size + header_len
     if len(data) < end:
         raise RemoteProtocolError("frame is truncated", code="protocol.malformed")
-    payload = data[end:]
+    # A view, not a copy: a chunk's megabyte is hashed and stored where it lies (the frame,
+    # immutable ``bytes``, lives as long as the view).
+    payload = cast(bytes, memoryview(data)[end:])
     if len(payload) > limits.max_payload_bytes:
         raise RemoteProtocolError("frame payload is too large", code="protocol.too_large")
     header = _parse_header(data[_PREFIX.size : end])

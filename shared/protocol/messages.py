@@ -20,6 +20,9 @@ Connection flow (site S, coordinator C)::
     C -> S  TransferAccept(update transfer, next_index)
     S -> C  Chunk(...) x n                     C -> S  ChunkAck(next_index) per chunk
     C -> S  UpdateAccepted(run, round, digest)    only once the update is on disk
+    (a plan with secure_aggregation, instead of UpdateOffer: SecAggSetup after the invite,
+    SecAggKeys and SecAggShares each way, MaskedUpdateOffer + chunks, UpdateAccepted once
+    summed, then SecAggUnmask and SecAggUnmaskResponse; see docs/protocol.md)
     C -> S  RunFinished(run, final model digest, final model offer)
     S -> C  ValidationReport(metrics of the final model on the site's held-out data)
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, get_type_hints
 
 from shared.data_summary import check_summary
-from shared.errors import RemoteProtocolError
+from shared.errors import RemoteProtocolError, TesseraError
 
 # fullmatch, not match with "$": "$" also matches before a trailing newline.
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -674,3 +677,232 @@ class ReleaseAcceptance(Message):
             "release_acceptance.reason is required for a refusal",
         )
         _check(0 < len(self.person) <= 200, "release_acceptance.person must be 1-200 characters")
+
+
+# --- secure aggregation -----------------------------------------------------------------
+# The signed messages of ``shared.privacy.secagg`` (Bonawitz et al., CCS 2017) travel inside
+# these envelopes as their JSON fields; the coordinator relays keys and shares between sites.
+# Each envelope rebuilds its secagg messages on construction, so a malformed one cannot exist;
+# their signatures and their binding to the round are checked by ``SecAggSite`` and
+# ``SecAggServer``, which hold the keys.
+
+_SECAGG_MAX_SITES = 256
+
+
+def _secagg_message(kind: type[Any], fields: Any, name: str) -> Any:
+    """Rebuild one ``shared.privacy.secagg`` message from its JSON fields, or raise
+    ``RemoteProtocolError`` (``protocol.schema``)."""
+    from shared.privacy.shamir import Share
+
+    names = [f.name for f in dataclasses.fields(kind)]
+    _check(isinstance(fields, dict) and set(fields) == set(names), f"{name} is malformed")
+    values: dict[str, Any] = {}
+    for key in names:
+        value = fields[key]
+        if key == "round":
+            _check(_matches(value, int) and value >= 0, f"{name}.round must be >= 0")
+        elif key in ("survivors", "dropped"):
+            _check(
+                _matches(value, list[str]) and len(value) <= _SECAGG_MAX_SITES,
+                f"{name}.{key} must be a list of site ids",
+            )
+            value = tuple(value)
+        elif key in ("self_mask_shares", "mask_key_shares"):
+            _check(
+                isinstance(value, list)
+                and len(value) <= _SECAGG_MAX_SITES
+                and all(
+                    isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in value
+                ),
+                f"{name}.{key} must be a list of [site, share] pairs",
+            )
+            try:
+                value = tuple((p[0], Share.from_fields(p[1])) for p in value)
+            except TesseraError as exc:
+                raise RemoteProtocolError(f"{name}.{key}: {exc}", code="protocol.schema") from exc
+        else:
+            _check(isinstance(value, str) and len(value) <= 4096, f"{name}.{key} is malformed")
+        values[key] = value
+    return kind(**values)
+
+
+def _secagg_envelope(run_id: str, rnd: int, name: str) -> None:
+    _ident(run_id, f"{name}.run_id")
+    _check(rnd >= 1, f"{name}.round must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggSetup(Message):
+    """Coordinator -> site: this round is securely aggregated, with this configuration
+    (``shared.privacy.secagg.SecAggConfig`` fields; its ``run_id`` is the run's id and the
+    attempt's, so an attempt's messages are useless in the next) and the identity keys of
+    the round's sites, signed by the coordinator (purpose ``secagg.setup``)."""
+
+    TYPE: ClassVar[str] = "secagg_setup"
+    run_id: str
+    round: int
+    config: dict[str, Any]  # run_id, round, sites, threshold, vector_length, bits, ...
+    site_keys: dict[str, Any]  # site id -> Ed25519 public key (URL-safe base64)
+    signature: str
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "secagg_setup")
+        self.secagg_config()
+        _check(
+            len(self.site_keys) <= _SECAGG_MAX_SITES
+            and all(isinstance(v, str) and 0 < len(v) <= 128 for v in self.site_keys.values()),
+            "secagg_setup.site_keys is malformed",
+        )
+
+    def signed_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.body().items() if k != "signature"}
+
+    def secagg_config(self) -> Any:
+        """The round's ``SecAggConfig``."""
+        from shared.privacy.quantise import Quantiser
+        from shared.privacy.secagg import SecAggConfig
+
+        c = self.config
+        keys = {"run_id", "round", "sites", "threshold", "vector_length", "bits", "clip_norm"}
+        _check(set(c) == keys | {"max_sites"}, "secagg_setup.config has the wrong fields")
+        _check(
+            _matches(c["sites"], list[str]) and len(c["sites"]) <= _SECAGG_MAX_SITES,
+            "secagg_setup.config.sites must be a list of site ids",
+        )
+        for key in ("round", "threshold", "vector_length", "bits", "max_sites"):
+            _check(_matches(c[key], int), f"secagg_setup.config.{key} must be an integer")
+        _check(_matches(c["clip_norm"], float), "secagg_setup.config.clip_norm must be a number")
+        _check(isinstance(c["run_id"], str), "secagg_setup.config.run_id must be text")
+        try:
+            return SecAggConfig(
+                run_id=c["run_id"],
+                round=c["round"],
+                sites=tuple(c["sites"]),
+                threshold=c["threshold"],
+                vector_length=c["vector_length"],
+                quantiser=Quantiser(
+                    clip_norm=float(c["clip_norm"]), max_sites=c["max_sites"], bits=c["bits"]
+                ),
+            )
+        except TesseraError as exc:
+            raise RemoteProtocolError(
+                f"secagg_setup.config: {exc}", code="protocol.schema"
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggKeys(Message):
+    """Site -> coordinator: its ``KeyAdvertisement`` (a list of one); coordinator -> site:
+    every site's, once key collection closes."""
+
+    TYPE: ClassVar[str] = "secagg_keys"
+    run_id: str
+    round: int
+    advertisements: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "secagg_keys")
+        _check(len(self.advertisements) <= _SECAGG_MAX_SITES, "secagg_keys has too many keys")
+        self.to_secagg()
+
+    def to_secagg(self) -> tuple[Any, ...]:
+        from shared.privacy.secagg import KeyAdvertisement
+
+        return tuple(
+            _secagg_message(KeyAdvertisement, a, "secagg_keys.advertisement")
+            for a in self.advertisements
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggShares(Message):
+    """Site -> coordinator: the ``EncryptedShares`` it dealt, one per other site;
+    coordinator -> site: the shares dealt to it, once share collection closes."""
+
+    TYPE: ClassVar[str] = "secagg_shares"
+    run_id: str
+    round: int
+    shares: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "secagg_shares")
+        _check(len(self.shares) <= _SECAGG_MAX_SITES, "secagg_shares has too many shares")
+        self.to_secagg()
+
+    def to_secagg(self) -> tuple[Any, ...]:
+        from shared.privacy.secagg import EncryptedShares
+
+        return tuple(
+            _secagg_message(EncryptedShares, s, "secagg_shares.share") for s in self.shares
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MaskedUpdateOffer(Message):
+    """Site -> coordinator: a masked update (the round's ring vector, little-endian, sent as
+    a chunked transfer like an update) with its signed ``MaskedInput`` (which signs the
+    vector's digest), the number of samples and the training loss (a mean over the site's
+    batches: a count and a scalar, not the update)."""
+
+    TYPE: ClassVar[str] = "masked_update_offer"
+    run_id: str
+    round: int
+    masked: dict[str, Any]
+    update: dict[str, Any]  # a TransferOffer of the masked vector's bytes
+    num_samples: int
+    train_loss: float
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "masked_update_offer")
+        TransferOffer.from_dict(self.update)
+        _check(self.num_samples >= 1, "masked_update_offer.num_samples must be >= 1")
+        self.to_secagg()
+
+    def to_secagg(self) -> Any:
+        from shared.privacy.secagg import MaskedInput
+
+        return _secagg_message(MaskedInput, self.masked, "masked_update_offer.masked")
+
+    @property
+    def update_offer(self) -> TransferOffer:
+        return TransferOffer.from_dict(self.update)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggUnmask(Message):
+    """Coordinator -> surviving site: the signed ``UnmaskRequest`` (who survived, who
+    dropped after sharing)."""
+
+    TYPE: ClassVar[str] = "secagg_unmask"
+    run_id: str
+    round: int
+    request: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "secagg_unmask")
+        self.to_secagg()
+
+    def to_secagg(self) -> Any:
+        from shared.privacy.secagg import UnmaskRequest
+
+        return _secagg_message(UnmaskRequest, self.request, "secagg_unmask.request")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggUnmaskResponse(Message):
+    """Site -> coordinator: its signed ``UnmaskResponse`` (its shares for the survivors'
+    self-masks and the dropped sites' mask keys, never both for one site)."""
+
+    TYPE: ClassVar[str] = "secagg_unmask_response"
+    run_id: str
+    round: int
+    response: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _secagg_envelope(self.run_id, self.round, "secagg_unmask_response")
+        self.to_secagg()
+
+    def to_secagg(self) -> Any:
+        from shared.privacy.secagg import UnmaskResponse
+
+        return _secagg_message(UnmaskResponse, self.response, "secagg_unmask_response.response")

@@ -37,6 +37,7 @@ from typing import Any
 from shared.crypto.signing import verify
 from shared.errors import TesseraError
 from shared.plan import TrainingPlan
+from shared.privacy.secagg import MaskedInput
 from shared.protocol import signed
 from shared.provenance import merkle
 from shared.provenance.errors import ProvenanceError
@@ -326,6 +327,24 @@ def _check_updates(entries: Sequence[LogEntry], site_keys: Mapping[str, str]) ->
                     index=e.index,
                 ) from exc
             received.add((p["run_id"], p["round"], p["site_id"], p["digest"]))
+            count += 1
+        elif e.kind == "masked_update_received":  # secure aggregation: the masked input
+            fields = {
+                "run_id": p["secagg_run_id"],
+                "round": p["round"],
+                "config_digest": p["config_digest"],
+                "site": p["site_id"],
+                "digest": p["digest"],
+            }
+            try:
+                verify(site_keys.get(p["site_id"], ""), MaskedInput.PURPOSE, fields, p["signature"])
+            except (TesseraError, KeyError) as exc:
+                raise _fail(
+                    "bad_signature",
+                    f"entry {e.index}: the masked update of {p.get('site_id')} for round "
+                    f"{p.get('round')} does not carry that site's signature",
+                    index=e.index,
+                ) from exc
             count += 1
         elif e.kind in _SITE_SIGNED:
             purpose, fields = _SITE_SIGNED[e.kind](p, federation)

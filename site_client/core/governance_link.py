@@ -9,7 +9,11 @@ What the site must do on the wire, decided from its own record (:mod:`.governanc
 - before training: train only for an approved plan hash, only inside the training hours, and
   only if the round keeps the plan's privacy budget at this site within the policy's epsilon
   cap; each round this site commits to is charged to that budget (``privacy_spent`` notes in
-  the record, one per round, from which the ``PrivacyBudget`` is rebuilt);
+  the record, one per round, from which the ``PrivacyBudget`` is rebuilt); under DP-SGD
+  (example-level DP) a round's cost depends on the site's number of training images and the
+  steps it took, so it is charged once trained, before its update may leave
+  (:meth:`GovernanceLink.charge_trained`), and the site's last count of its training images
+  (``training_images`` notes) gives the plan's epsilon for the policy check;
 - on a ``HeadUpdate``: accept the new tree head only if it extends the last one this site saw
   (else stop taking part: history was rewritten) and check that each of this site's accepted
   updates is in the log exactly as it sent it;
@@ -31,10 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.crypto.signing import sign
 from shared.errors import GovernanceError, PlanError, PrivacyBudgetExceeded, TesseraError
-from shared.governance.policy import plan_refusals
+from shared.governance.policy import SitePolicy
 from shared.plan import TrainingPlan
-from shared.privacy.accountant import PrivacyBudget
-from shared.privacy.client_dp import round_mechanism
+from shared.privacy import dp_sgd
+from shared.privacy.accountant import PrivacyBudget, SampledGaussian
+from shared.privacy.client_dp import ClientDP, round_mechanism
 from shared.protocol import signed
 from shared.protocol.messages import (
     Dispute,
@@ -49,7 +54,7 @@ from shared.provenance.errors import ProvenanceError
 from shared.provenance.log import LogEntry, TreeHead
 from site_client.core.config import SiteConfig
 from site_client.core.governance import SiteGovernance
-from site_client.core.governance_view import plan_privacy
+from site_client.core.governance_view import plan_privacy, privacy_refusals, training_images
 
 POLICY_PERSON = "Site policy (automatic)"
 MAX_PROOFS = 64
@@ -120,7 +125,7 @@ class GovernanceLink:
             local = self.record.plan(item["plan_hash"])
             assert local is not None
             if local.decision == "pending":
-                reasons = plan_refusals(policy, **_privacy(plan))
+                reasons = self._refusals(policy, plan)
                 if reasons:
                     out.append(
                         self.record.decide_plan(
@@ -192,7 +197,7 @@ class GovernanceLink:
                 f"this site refused plan {plan_hash[:12]}: {record.reason}",
             )
         policy = self.record.policy()
-        reasons = plan_refusals(policy, **_privacy(record.plan))
+        reasons = self._refusals(policy, record.plan)
         if reasons:
             return "governance.below_policy", " ".join(reasons)
         local = datetime.datetime.fromtimestamp(now)
@@ -203,18 +208,35 @@ class GovernanceLink:
             )
         return self._charge(record.plan, plan_hash, now, run_id, rnd)
 
+    def _refusals(self, policy: SitePolicy, plan: TrainingPlan) -> list[str]:
+        return privacy_refusals(policy, plan_privacy(plan, self.training_images()))
+
+    def training_images(self) -> int | None:
+        """This site's number of training images when it last trained (``None``: never)."""
+        return training_images(self.record.activity())
+
     def privacy_budget(self, plan_hash: str) -> PrivacyBudget | None:
         """The plan's privacy budget at this site: the policy's cap (no cap: infinite) at the
         plan's delta, and the rounds charged so far. ``None`` for a plan without DP."""
         record = self.record.plan(plan_hash)
         if record is None or record.plan.dp is None:
             return None
+        dp = record.plan.dp
         cap = self.record.policy().max_epsilon
         spent = [a for a in self._spent() if a["plan_hash"] == plan_hash]
         return PrivacyBudget(
             cap=math.inf if cap is None else cap,
-            delta=record.plan.dp.delta,
-            spent_rounds=tuple(round_mechanism(record.plan.dp) for _ in spent),
+            delta=dp.delta,
+            spent_rounds=tuple(
+                round_mechanism(dp)
+                if isinstance(dp, ClientDP)
+                else SampledGaussian(
+                    noise_multiplier=dp.noise_multiplier,
+                    sample_rate=float(a["sample_rate"]),
+                    steps=int(a["steps"]),
+                )
+                for a in spent
+            ),
         )
 
     def _spent(self) -> list[dict[str, Any]]:
@@ -226,6 +248,8 @@ class GovernanceLink:
         budget = self.privacy_budget(plan_hash)
         if budget is None or plan.dp is None:
             return None
+        if isinstance(plan.dp, dp_sgd.ExampleDP):
+            return self._example_preview(plan, plan.dp, budget)  # charged once trained
         if run_id is not None and rnd is not None:
             for spent in self._spent():
                 if (spent["plan_hash"], spent.get("run_id"), spent.get("round")) == (
@@ -247,6 +271,74 @@ class GovernanceLink:
             noise_multiplier=plan.dp.noise_multiplier,
             sample_rate=1.0,
             delta=plan.dp.delta,
+            epsilon=after.spent,
+        )
+        return None
+
+    def _example_preview(
+        self, plan: TrainingPlan, dp: dp_sgd.ExampleDP, budget: PrivacyBudget
+    ) -> tuple[str, str] | None:
+        """Refuse, before training, a DP-SGD round that would pass the cap with as many
+        images as this site had last time (the charge itself waits for the steps taken)."""
+        images = self.training_images()
+        if images is None:
+            return None
+        steps = dp_sgd.steps_per_round(plan.local_epochs, plan.batch_size, images)
+        mechanism = dp_sgd.round_mechanism(
+            dp, batch_size=plan.batch_size, num_samples=images, steps=steps
+        )
+        try:
+            budget.charge(mechanism)
+        except PrivacyBudgetExceeded as exc:
+            return exc.code, exc.message
+        return None
+
+    def charge_trained(
+        self,
+        plan_hash: str,
+        now: float,
+        *,
+        run_id: str,
+        rnd: int,
+        num_samples: int,
+        steps: int,
+    ) -> tuple[str, str] | None:
+        """After local training, before its update may leave: note the site's number of
+        training images, and under DP-SGD charge the round (``steps`` steps at sample rate
+        ``batch_size / num_samples``) to the plan's budget here. Returns (code, reason) when
+        that would pass the policy's cap: the update must then be discarded, unsent. A round
+        already charged is not charged again (its update is the one sent again)."""
+        if num_samples >= 1 and self.training_images() != num_samples:
+            self.record.note("training_images", now, num_samples=num_samples)
+        record = self.record.plan(plan_hash)
+        budget = self.privacy_budget(plan_hash)
+        if record is None or budget is None or not isinstance(record.plan.dp, dp_sgd.ExampleDP):
+            return None
+        plan, dp = record.plan, record.plan.dp
+        for spent in self._spent():
+            if (spent["plan_hash"], spent.get("run_id"), spent.get("round")) == (
+                plan_hash,
+                run_id,
+                rnd,
+            ):
+                return None
+        mechanism = dp_sgd.round_mechanism(
+            dp, batch_size=plan.batch_size, num_samples=num_samples, steps=steps
+        )
+        try:
+            after = budget.charge(mechanism)
+        except PrivacyBudgetExceeded as exc:
+            return exc.code, exc.message
+        self.record.note(
+            "privacy_spent",
+            now,
+            plan_hash=plan_hash,
+            run_id=run_id,
+            round=rnd,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=mechanism.sample_rate,
+            steps=steps,
+            delta=dp.delta,
             epsilon=after.spent,
         )
         return None
@@ -414,15 +506,6 @@ def raise_dispute(
 
 def pending_disputes(link: GovernanceLink) -> list[Dispute]:
     return [Dispute(**a["detail"]) for a in link.record.activity() if a["kind"] == "dispute_raised"]
-
-
-def _privacy(plan: TrainingPlan) -> dict[str, Any]:
-    privacy = plan_privacy(plan)
-    return {
-        "epsilon": privacy.epsilon,
-        "delta": privacy.delta,
-        "secure_aggregation": privacy.secure_aggregation,
-    }
 
 
 __all__ = ["POLICY_PERSON", "GovernanceLink", "StandingApprovals"]

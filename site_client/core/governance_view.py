@@ -34,6 +34,7 @@ from shared.crypto.keys import load_private_key
 from shared.errors import GovernanceError
 from shared.governance.policy import SitePolicy, plan_refusals
 from shared.plan import TrainingPlan
+from shared.privacy import dp_sgd
 from shared.protocol.messages import CharterSignature, PlanDecision
 from site_client.core.activity import ActivityEntry, open_governance, timeline
 from site_client.core.config import SiteDir
@@ -56,7 +57,9 @@ __all__ = [
     "plan_privacy",
     "plan_view",
     "policy_form",
+    "privacy_refusals",
     "save_policy",
+    "training_images",
 ]
 
 #: The kinds of activity the Governance page lists as its history.
@@ -75,20 +78,40 @@ def _date(at: float) -> str:
 class PlanPrivacy:
     """The protections a plan asks for, as the policy check and the summary need them."""
 
-    epsilon: float | None  # total budget of the run at this site; None: no DP
+    epsilon: float | None  # total budget of the run at this site; None: no DP, or not known
     delta: float | None
     secure_aggregation: bool
+    per_example: bool = False  # DP-SGD: the budget depends on this site's number of images
 
 
-def plan_privacy(plan: TrainingPlan) -> PlanPrivacy:
+def plan_privacy(plan: TrainingPlan, num_samples: int | None = None) -> PlanPrivacy:
     """What ``plan`` promises about privacy.
 
     ``epsilon`` is what the whole run costs this site under the plan's client-level
     differential privacy (``TrainingPlan.epsilon``: the accountant's figure for ``rounds``
     Gaussian mechanisms at sample rate 1, at ``dp.delta``), ``None`` when the plan adds no
-    noise. The summary, the policy check, the Governance page, ``tessera-site plan show``
+    noise. Under example-level DP-SGD it is the accountant's figure for ``rounds`` rounds of
+    ``local_epochs * ceil(N / batch_size)`` steps at sample rate ``batch_size / N``, with N
+    (``num_samples``) this site's number of training images, and ``None`` while N is not
+    known. The summary, the policy check, the Governance page, ``tessera-site plan show``
     and the participant's refusals all read it from here.
     """
+    if isinstance(plan.dp, dp_sgd.ExampleDP):
+        epsilon = None
+        if num_samples:
+            epsilon = dp_sgd.run_epsilon(
+                plan.dp,
+                batch_size=plan.batch_size,
+                local_epochs=plan.local_epochs,
+                num_samples=num_samples,
+                rounds=plan.rounds,
+            )
+        return PlanPrivacy(
+            epsilon=epsilon,
+            delta=plan.dp.delta,
+            secure_aggregation=plan.secure_aggregation,
+            per_example=True,
+        )
     return PlanPrivacy(
         epsilon=plan.epsilon,
         delta=None if plan.dp is None else plan.dp.delta,
@@ -145,20 +168,41 @@ class PlanView:
         return text + (f": {r.reason}" if r.reason else "")
 
 
-def plan_view(record: PlanRecord, policy: SitePolicy) -> PlanView:
-    privacy = plan_privacy(record.plan)
+def training_images(activity: list[dict[str, Any]]) -> int | None:
+    """This site's number of training images when it last trained (the ``training_images``
+    notes in its record), ``None`` before its first round: what a DP-SGD plan's epsilon here
+    is computed for."""
+    for entry in reversed(activity):
+        if entry["kind"] == "training_images":
+            return int(entry["detail"]["num_samples"])
+    return None
+
+
+def privacy_refusals(policy: SitePolicy, privacy: PlanPrivacy) -> list[str]:
+    """``plan_refusals`` for what ``privacy`` says. A DP-SGD plan whose epsilon is not known
+    yet (this site has not counted its training images) is judged on the rest; its epsilon
+    is checked against the cap before each round's update leaves the site
+    (``GovernanceLink.charge_trained``), so the cap holds either way."""
+    unknown = privacy.per_example and privacy.epsilon is None
+    return plan_refusals(
+        policy,
+        epsilon=0.0 if unknown else privacy.epsilon,
+        delta=privacy.delta,
+        secure_aggregation=privacy.secure_aggregation,
+    )
+
+
+def plan_view(record: PlanRecord, policy: SitePolicy, num_samples: int | None = None) -> PlanView:
+    """``num_samples``: this site's number of training images, when known (DP-SGD plans)."""
+    privacy = plan_privacy(record.plan, num_samples)
     summary = summarise(
         record.plan,
         epsilon=privacy.epsilon,
         delta=privacy.delta,
         secure_aggregation=privacy.secure_aggregation,
+        per_example=privacy.per_example,
     )
-    refusals = plan_refusals(
-        policy,
-        epsilon=privacy.epsilon,
-        delta=privacy.delta,
-        secure_aggregation=privacy.secure_aggregation,
-    )
+    refusals = privacy_refusals(policy, privacy)
     return PlanView(record=record, summary=summary, refusals=tuple(refusals))
 
 
@@ -216,7 +260,8 @@ def load_governance_view(site_dir: SiteDir) -> GovernanceView:
         rows = governance.activity()
     finally:
         governance.close()
-    plans = tuple(plan_view(r, policy) for r in reversed(records))
+    images = training_images(rows)
+    plans = tuple(plan_view(r, policy, images) for r in reversed(records))
     names = {r.plan_hash: r.plan.name for r in records}
     history = tuple(e for e in timeline(rows, (), names) if e.kind in HISTORY_KINDS)
     return GovernanceView(
@@ -298,7 +343,8 @@ def decide_plan(
                 f"plan {plan_hash[:12]} has not been received from the coordinator",
                 code="governance.unknown_plan",
             )
-        refusals = plan_view(record, governance.policy()).refusals if approve else ()
+        images = training_images(governance.activity())
+        refusals = plan_view(record, governance.policy(), images).refusals if approve else ()
         found = _decision_check(approve, reason, person, refusals)
         if found is not None:
             raise GovernanceError(found[1], code=found[0])

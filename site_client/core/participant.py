@@ -47,6 +47,7 @@ from shared.crypto.keys import load_private_key
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import connect_pinned
 from shared.errors import ConnectionFailed, TesseraError
+from shared.files import map_file
 from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
 from shared.protocol import signed
@@ -61,6 +62,10 @@ from shared.protocol.messages import (
     RoundDecline,
     RoundInvite,
     RunFinished,
+    SecAggKeys,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
     TransferAccept,
     UpdateAccepted,
     UpdateOffer,
@@ -77,6 +82,7 @@ from shared.protocol.session import (
 )
 from shared.protocol.transfer import chunk_frames, make_offer
 from shared.provenance.errors import ProvenanceError
+from site_client.core import local_state
 from site_client.core import releases as site_releases
 from site_client.core.config import SiteDir
 from site_client.core.governance import SiteGovernance
@@ -85,6 +91,7 @@ from site_client.core.governance_link import (
     StandingApprovals,
     pending_disputes,
 )
+from site_client.core.secagg_participant import SecAggRounds
 from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
@@ -174,6 +181,7 @@ class Participant:
         standing: StandingApprovals | None = None,
         on_phase: Callable[[PhaseEvent], None] | None = None,
         proxy: str | None = None,
+        on_frame_out: Callable[[bytes | str], None] | None = None,
     ) -> None:
         self.dir = site_dir
         site_dir.ensure()
@@ -199,6 +207,8 @@ class Participant:
         self.trainer = Trainer(site_dir.jobs, threads=threads, on_progress=on_progress)
         self.on_status = on_status or (lambda s: log.info("%s", s))
         self._on_phase = on_phase
+        # Every frame this site sends, as sent: for an audit of what leaves the hospital.
+        self._on_frame_out = on_frame_out
         self.rng = rng or random.Random()
         self.clock = clock  # monotonic: phase timings only
         self.rounds_done: list[tuple[str, int]] = []
@@ -212,11 +222,13 @@ class Participant:
         self._downloads: dict[
             str, tuple[RoundInvite | RunFinished | site_releases.ReleaseDownload, Any]
         ] = {}
-        self._uploads: dict[str, tuple[UpdateOffer, bytes]] = {}
+        self._uploads: dict[str, tuple[Any, bytes | memoryview]] = {}  # UpdateOffer or masked
+        self._round_models: list[Path] = []  # downloaded by this session, oldest first
         self._training: asyncio.Task[None] | None = None
         self._validating: asyncio.Future[None] | None = None
         self._training_key: tuple[str, int] | None = None
         self._finished: RunFinished | None = None
+        self.secagg = SecAggRounds(self)  # securely aggregated rounds (secagg_participant)
 
     def _phase(self, phase: str, run_id: str = "", rnd: int = 0, **detail: Any) -> None:
         if self._on_phase is not None:
@@ -305,7 +317,13 @@ class Participant:
         if self._ws is None or self._session is None:
             return
         for frame in self._session.data_to_send():
-            await self._ws.send(frame)
+            await self._send(frame)
+
+    async def _send(self, frame: bytes | str) -> None:
+        assert self._ws is not None
+        if self._on_frame_out is not None:
+            self._on_frame_out(frame)
+        await self._ws.send(frame)
 
     # -- events --------------------------------------------------------------------------
 
@@ -380,13 +398,14 @@ class Participant:
             self._on_release_notice(msg)
         elif isinstance(msg, RoundInvite):
             self._on_invite(msg)
+        elif isinstance(msg, SecAggSetup | SecAggKeys | SecAggShares | SecAggUnmask):
+            await self.secagg.on_message(msg)
         elif isinstance(msg, TransferAccept):
             entry = self._uploads.get(msg.transfer_id)
             if entry is not None:
                 offer_msg, data = entry
                 for frame in chunk_frames(offer_msg.update_offer, data, msg.next_index):
-                    assert self._ws is not None
-                    await self._ws.send(frame)
+                    await self._send(frame)
         elif isinstance(msg, UpdateAccepted):
             self._accepted(msg)
         elif isinstance(msg, RunFinished):
@@ -471,6 +490,7 @@ class Participant:
             self._decline(msg, *refusal)
             return
         self._ask_head()  # the last round closed: a new head
+        self.secagg.invited(msg)
         timer = self._round_clock(msg, started)
         timer.add("verify", self.clock() - started)
         self.on_status(f"round {msg.round} of {msg.run_id}: receiving the model")
@@ -510,6 +530,18 @@ class Participant:
         assert offer is not None
         return self.dir.models / f"{offer.sha256}.safetensors"
 
+    def _forget_old_models(self, current: Path) -> None:
+        """Delete the round models this session downloaded before the last two (the current
+        one, and the one before, which a validation may still be reading): a site would
+        otherwise keep tens of MB a round on its disk and in its page cache, which makes
+        every write slower as it grows."""
+        if current in self._round_models:
+            return
+        self._round_models.append(current)
+        while len(self._round_models) > 2:
+            # Freeing the file's pages takes milliseconds: not on the event loop.
+            self._spawn(asyncio.to_thread(self._round_models.pop(0).unlink, missing_ok=True))
+
     def _model_part(self, msg: RoundInvite | RunFinished) -> Path:
         offer = msg.model_offer
         assert offer is not None
@@ -537,6 +569,7 @@ class Participant:
         part, final = self._model_part(msg), self._model_path(msg)
         if part.exists():
             part.replace(final)
+        self._forget_old_models(final)
         timer = self._clocks.get((msg.run_id, msg.round))
         if timer is not None:
             timer.stop("download", self.clock())
@@ -565,7 +598,7 @@ class Participant:
             outcome = await self.trainer.train(
                 name,
                 {
-                    "plan": msg.plan,
+                    "plan": self.secagg.worker_plan(msg.plan),
                     "model_path": str(self._model_path(msg)),
                     # None: hashed as it arrived; a model from the cache is checked again.
                     "model_sha256": None if base_digest in self._verified else base_digest,
@@ -573,6 +606,9 @@ class Participant:
                     "cache_dir": str(self.dir.tensors),
                     "data_seed": 0,
                     "seed": seed,
+                    # FedBN's layers and top-k's residual, kept here between rounds
+                    "state_dir": str(local_state.run_folder(self.dir.root, msg.run_id)),
+                    "round": msg.round,
                 },
             )
         except TesseraError as exc:
@@ -582,6 +618,21 @@ class Participant:
             return
         finally:
             self._training_key = None
+        # DP-SGD: the round's privacy cost is known now; past the site's cap, nothing leaves.
+        refusal = self.governance.charge_trained(
+            msg.plan_hash,
+            time.time(),
+            run_id=msg.run_id,
+            rnd=msg.round,
+            num_samples=outcome.num_samples,
+            steps=outcome.steps,
+        )
+        if refusal is not None:
+            outcome.update_path.unlink(missing_ok=True)
+            if self._session is not None and not self._session.closed:
+                self._decline(msg, *refusal)
+                await self._flush()
+            return
         encode_started = self.clock()
         worker = outcome.timings
         if timer is not None:
@@ -590,7 +641,10 @@ class Participant:
             timer.add("train", encode_started - started - inside)
             timer.add("encode_update", worker.get("encode", 0.0))
             timer.cpu += worker.get("cpu", 0.0)
-        data = await asyncio.to_thread(outcome.update_path.read_bytes)
+        if msg.plan.get("secure_aggregation"):  # masked, then offered (secagg_participant)
+            await self.secagg.trained(msg, outcome)
+            return
+        data = await asyncio.to_thread(map_file, outcome.update_path)  # sent on, not copied
         digest = outcome.sha256 if outcome.size == len(data) and outcome.sha256 else None
         if digest is None:  # the worker did not say: hash it here, off the event loop
             digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
@@ -660,11 +714,11 @@ class Participant:
             return None
         return Pending(offer_msg, Path(raw["path"]))
 
-    def _offer_update(self, pending: Pending, data: bytes | None = None) -> None:
+    def _offer_update(self, pending: Pending, data: bytes | memoryview | None = None) -> None:
         if self._session is None or self._session.closed:
             return  # offered again after the reconnect, from the outbox
         if data is None:
-            data = pending.path.read_bytes()
+            data = map_file(pending.path)
         self._uploads[pending.offer_msg.update_offer.transfer_id] = (pending.offer_msg, data)
         self._session.send(pending.offer_msg)
         timer = self._clocks.get((pending.offer_msg.run_id, pending.offer_msg.round))
@@ -758,6 +812,9 @@ class Participant:
                     **self._data_job(),
                     "cache_dir": str(self.dir.tensors),
                     "data_seed": 0,
+                    # FedBN: the model is validated with this site's own layers
+                    "state_dir": str(local_state.run_folder(self.dir.root, run_id)),
+                    "round": rnd,
                 },
             )
         except TesseraError as exc:
@@ -898,6 +955,9 @@ class Participant:
                     **self._data_job(),
                     "cache_dir": str(self.dir.tensors),
                     "data_seed": 0,
+                    # FedBN: judged with the layers this site trained in that run
+                    "state_dir": str(local_state.run_folder(self.dir.root, verified.run_id)),
+                    "round": verified.plan.rounds,
                 },
             )
         except TesseraError as exc:

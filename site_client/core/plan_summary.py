@@ -10,6 +10,7 @@ what the plan will actually do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from shared.models.registry import build_model, get_architecture
 from shared.plan import TrainingPlan
@@ -48,7 +49,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def parameter_count(plan: TrainingPlan) -> int:
+def _state(plan: TrainingPlan) -> dict[str, Any]:
     model = build_model(
         plan.architecture,
         plan.architecture_version,
@@ -56,7 +57,22 @@ def parameter_count(plan: TrainingPlan) -> int:
         params=dict(plan.architecture_params),
         seed=0,
     )
-    return sum(p.numel() for p in model.state_dict().values())
+    return dict(model.state_dict())
+
+
+def parameter_count(plan: TrainingPlan) -> int:
+    return sum(p.numel() for p in _state(plan).values())
+
+
+def update_bytes(plan: TrainingPlan) -> int:
+    """The most one update can take on the wire in the plan's codec (float32 values when it
+    compresses nothing; fp16, int8 or top-k need less)."""
+    layout = {
+        name: (tuple(t.shape), "float32")
+        for name, t in _state(plan).items()
+        if t.is_floating_point()
+    }
+    return int(plan.codec.max_payload_size(layout))
 
 
 def summarise(
@@ -65,12 +81,14 @@ def summarise(
     epsilon: float | None = None,
     delta: float | None = None,
     secure_aggregation: bool = False,
+    per_example: bool = False,
 ) -> PlanSummary:
     """``epsilon``/``delta``: the privacy budget the run would spend here (``None``: no
-    differential privacy); ``secure_aggregation``: whether only the sum is ever visible."""
+    differential privacy); ``secure_aggregation``: whether only the sum is ever visible;
+    ``per_example``: DP-SGD, whose budget is ``None`` until the images are counted."""
     spec = get_architecture(plan.architecture, plan.architecture_version)
     params = parameter_count(plan)
-    update = params * 4  # float32 values on the wire
+    update = update_bytes(plan)
     per_run = update * plan.rounds
     protections = [
         "signed by this hospital and sent over an encrypted connection pinned to the "
@@ -83,11 +101,16 @@ def summarise(
     )
     if plan.max_update_norm is not None:
         protections.append(f"updates larger than {plan.max_update_norm:g} (L2 norm) are refused")
+    kind = "for each training image (DP-SGD) " if per_example else ""
     budget = (
-        f"differential privacy with a total budget of epsilon {epsilon:.2f}"
+        f"differential privacy {kind}with a total budget of epsilon {epsilon:.2f}"
         + (f" at delta {delta:g}" if delta is not None else "")
         + " for the whole run"
         if epsilon is not None
+        else "differential privacy for each training image (DP-SGD); its budget depends on "
+        "this hospital's number of training images, and each round is checked against this "
+        "hospital's limit before anything is sent"
+        if per_example
         else "none: this plan uses no differential privacy, so it spends no privacy budget "
         "and gives no formal guarantee against inference from the updates"
     )
@@ -111,7 +134,9 @@ def summarise(
         ),
         (
             "What leaves",
-            f"per round one model update of about {_size(update)} (numbers only: no images, "
+            f"per round one model update of at most {_size(update)}"
+            + ("" if plan.compression == "none" else f" (compressed: {plan.compression})")
+            + " (numbers only: no images, "
             f"no patient identifiers), about {_size(per_run)} over the run, plus the count "
             "of images trained on and the validation figures (AUC, accuracy, sensitivity, "
             "specificity, loss, number of images)",

@@ -112,6 +112,13 @@ class LoadedRelease:
 
     release: VerifiedRelease
     model: nn.Module
+    own_layers: bool = False  # FedBN: this site's normalisation layers are in place
+
+    @property
+    def needs_own_layers(self) -> bool:
+        """A FedBN release used without this site's layers (it did not keep them): its
+        normalisation layers are the initial ones, and predictions may be poor."""
+        return self.plan.aggregation == "fedbn" and not self.own_layers
 
     @property
     def plan(self) -> TrainingPlan:
@@ -122,9 +129,15 @@ class LoadedRelease:
         return self.release.version
 
 
-def load_release(folder: Path, coordinator_key: str) -> LoadedRelease:
+def load_release(
+    folder: Path, coordinator_key: str, site_root: Path | None = None
+) -> LoadedRelease:
     """Verify the release in ``folder`` and build its model; raises ``ReleaseError`` (or
-    ``PlanError`` for an architecture this installation does not have) and nothing is used."""
+    ``PlanError`` for an architecture this installation does not have) and nothing is used.
+
+    With ``site_root`` (the site's data folder), a FedBN release gets the normalisation layers
+    this site trained in that run put in place: under FedBN they never left the site, and the
+    release carries only their initial values (``shared.aggregation.fedbn``)."""
     verified = verify_release(Path(folder), coordinator_key)
     plan = verified.plan
     model = build_model(
@@ -134,8 +147,19 @@ def load_release(folder: Path, coordinator_key: str) -> LoadedRelease:
         params=dict(plan.architecture_params),
         seed=plan.seed,
     )
+    weights = decode_tensors(verified.weights)
+    own = None
+    if site_root is not None and plan.aggregation == "fedbn":
+        from site_client.core import local_state
+
+        folder_of_run = local_state.run_folder(Path(site_root), verified.run_id)
+        own = local_state.load(folder_of_run, local_state.NORM_LAYERS, up_to=plan.rounds)
     try:
-        load_model_arrays(model, decode_tensors(verified.weights))
+        if own is not None:
+            from shared.aggregation import merge_local
+
+            weights = merge_local(weights, own)
+        load_model_arrays(model, weights)
     except UpdateError as exc:
         raise ReleaseError(
             f"The release's weights do not fit {plan.architecture} version "
@@ -144,7 +168,7 @@ def load_release(folder: Path, coordinator_key: str) -> LoadedRelease:
             code="release.weights_mismatch",
         ) from exc
     model.eval().requires_grad_(False)
-    return LoadedRelease(verified, model)
+    return LoadedRelease(verified, model, own_layers=own is not None)
 
 
 def default_threads() -> int:

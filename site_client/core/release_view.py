@@ -259,7 +259,9 @@ def predict_with_release(
             f"this site holds no release {version}", code="governance.unknown_release"
         )
     config = site_dir.load()
-    loaded = load_release(release_dir(site_dir, version), config.coordinator_key)
+    loaded = load_release(
+        release_dir(site_dir, version), config.coordinator_key, site_root=site_dir.root
+    )
     if folder is not None:
         files, base = folder_files(folder), Path(folder)
     else:

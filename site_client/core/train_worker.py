@@ -24,8 +24,15 @@ A job reads the global model with safetensors (never pickle or ``torch.load``) a
 its SHA-256 against the digest the coordinator signed, prepares the local images once into a
 tensor cache (from the site's study index when the job names one, else from a DICOM folder and
 labels CSV), trains with the shared loop and writes the update (new weights minus global
-weights; clipped and noised first when the plan asks for differential privacy, its norms in
-the result's ``dp``) with its SHA-256, so the site signs it without reading it again.
+weights; clipped and noised first when the plan asks for client-level differential privacy,
+its norms in the result's ``dp``; example-level DP-SGD is done by the training loop, and the
+result's ``steps`` is what the site charges) with its SHA-256, so the site signs it without
+reading it again.
+The update is written in the plan's codec (``TrainingPlan.compression``; top-k adds the
+residual it kept from earlier rounds and keeps what it does not send). Under FedBN the site's
+own normalisation layers replace the global model's before training and validation, and leave
+out of the update; both kinds of state are kept per round in the job's ``state_dir``
+(:mod:`site_client.core.local_state`).
 ``timings`` holds the job's phases in seconds (``verify``, ``train``, ``encode``) and the
 processor time it used (``cpu``) for the site's round record.
 """
@@ -35,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -96,10 +102,12 @@ def load_from_index(
     seed: int,
     *,
     holdout: bool = False,
+    keep_open: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The training side (or, with ``holdout``, the held-out side) of the site's indexed,
     labelled images (``tessera-site import``), from the tensor cache: memory maps, read one
-    batch at a time by the training loop."""
+    batch at a time by the training loop. ``keep_open``: a warm worker's, which keeps the
+    index open for the next job (:class:`_Indexes`)."""
     from shared.errors import DataError
     from site_client.core.intake.dataset import build_dataset
     from site_client.core.intake.index import SiteIndex
@@ -117,7 +125,7 @@ def load_from_index(
             "'tessera-site import' and must stay with the index.",
             code="data.key",
         ) from exc
-    index = SiteIndex(index_db, secret)
+    index = _INDEXES.get(index_db, secret) if keep_open else SiteIndex(index_db, secret)
     try:
         ds = build_dataset(
             index,
@@ -127,14 +135,50 @@ def load_from_index(
             seed=seed,
             preprocessing=dict(plan.preprocessing),
         )
+    except BaseException:
+        if keep_open:
+            _INDEXES.close()
+        raise
     finally:
-        index.close()
+        if not keep_open:
+            index.close()
     if holdout:
         return ds.holdout_images, ds.holdout_labels
     print(ds.summary(), file=sys.stderr)
     for skip in ds.skipped[:20]:
         print(f"left out image {skip.image} of study {skip.study}: {skip.reason}", file=sys.stderr)
     return ds.train_images, ds.train_labels
+
+
+class _Indexes:
+    """The site's study index, kept open by a warm worker between jobs. Opening it checks its
+    schema in a write transaction and closing it checkpoints its journal, both with disk
+    syncs, for every training and validation job of every round; the images are still read
+    from it afresh by each job, so an import or a relabelling between rounds is seen as
+    before. Reopened when the file or the key changes."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._index: Any = None
+
+    def get(self, index_db: Path, secret: bytes) -> Any:
+        from site_client.core.intake.index import SiteIndex
+
+        st = index_db.stat()
+        key = (str(index_db.resolve()), st.st_dev, st.st_ino, hashlib.sha256(secret).digest())
+        if key != self._key or self._index is None:
+            self.close()
+            self._index = SiteIndex(index_db, secret)
+            self._key = key
+        return self._index
+
+    def close(self) -> None:
+        index, self._index, self._key = self._index, None, None
+        if index is not None:
+            index.close()
+
+
+_INDEXES = _Indexes()
 
 
 class _Models:
@@ -180,12 +224,14 @@ class _Models:
 _MODELS = _Models()
 
 
-def _read_model(path: Path, sha256: str | None) -> bytes:
+def _read_model(path: Path, sha256: str | None) -> memoryview:
     """The global model's bytes, checked against the digest the coordinator signed: the file
-    in the site's model cache may be one downloaded rounds ago, or damaged on disk."""
+    in the site's model cache may be one downloaded rounds ago, or damaged on disk. Mutable,
+    so that the arrays decoded from it are writable views (no copy): the update is computed
+    into them."""
     from shared.errors import TrainingError
 
-    data = path.read_bytes()
+    data = _read_file(path)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         path.unlink(missing_ok=True)  # the next invitation downloads it again
         raise TrainingError(
@@ -196,41 +242,39 @@ def _read_model(path: Path, sha256: str | None) -> bytes:
     return data
 
 
+def _read_file(path: Path) -> memoryview:
+    """A whole file in a mutable buffer, read straight into it (not zeroed first)."""
+    with open(path, "rb", buffering=0) as fh:
+        view = memoryview(np.empty(os.fstat(fh.fileno()).st_size, dtype=np.uint8))
+        got = 0
+        while got < len(view) and (n := fh.readinto(view[got:])):
+            got += n
+    return view[:got]  # shorter than its size said: the digest check fails
+
+
 def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
     """Write ``arrays`` as safetensors to ``out`` (atomically) and return the file's SHA-256
     and size. The bytes are those of ``shared.tensors.encode_tensors`` (names sorted, the
     header padded with spaces to 8 bytes), written from the arrays themselves and hashed on the
-    way: no model-sized intermediate buffer. Float32 little-endian only; anything else goes
-    through ``encode_tensors``."""
-    names = sorted(arrays)
-    parts: list[bytes | memoryview]
-    if sys.byteorder == "little" and all(
-        arrays[n].dtype == np.float32 and arrays[n].flags.c_contiguous for n in names
-    ):
-        header: dict[str, Any] = {}
-        offset = 0
-        for name in names:
-            size = arrays[name].nbytes
-            shape = list(arrays[name].shape)
-            header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        parts = [struct.pack("<Q", len(raw)), raw]
-        parts += [arrays[n].reshape(-1).view(np.uint8).data for n in names]
-    else:
-        from shared.tensors import encode_tensors
+    way (``shared.tensors.encode_parts``): no model-sized intermediate buffer. Arrays that
+    are not float32 go through ``encode_tensors``."""
+    from shared.tensors import encode_parts, encode_tensors
 
-        parts = [encode_tensors(arrays)]
-    digest, total = hashlib.sha256(), 0
+    parts = encode_parts(arrays) or [encode_tensors(arrays)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    digest = hashlib.sha256()
     tmp = out.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        for part in parts:
-            digest.update(part)
-            fh.write(part)
-            total += len(part)
+    # Hashed in a second thread while written: both release the GIL, so on two cores the
+    # update costs the longer of the two rather than their sum.
+    with ThreadPoolExecutor(1) as pool:
+        hashing = pool.submit(lambda: [digest.update(part) for part in parts])
+        with open(tmp, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+        hashing.result()
     os.replace(tmp, out)
-    return digest.hexdigest(), total
+    return digest.hexdigest(), sum(len(part) for part in parts)
 
 
 def run_job(
@@ -243,11 +287,12 @@ def run_job(
     if job.get("kind") == "validate":
         return validate_job(job, reuse_model=reuse_model)
 
-    from shared.aggregation import local_training_options, make_strategy
+    from shared.aggregation import local_entries, local_training_options, make_strategy
     from shared.models.state import load_model_arrays
     from shared.plan import TrainingPlan
     from shared.tensors import decode_tensors
     from shared.training import train_local
+    from site_client.core import local_state
 
     clock = time.monotonic
     cpu_started = time.process_time()
@@ -264,6 +309,7 @@ def run_job(
             Path(job["cache_dir"]),
             plan,
             int(job["data_seed"]),
+            keep_open=reuse_model,
         )
     else:  # a folder and a labels CSV given on the command line
         images, labels = load_training_set(
@@ -285,20 +331,37 @@ def run_job(
             params=plan.architecture_params,
             seed=plan.seed,
         )
-    base = decode_tensors(raw)
+    base = decode_tensors(raw, copy=False)  # private, writable views into ``raw``
     del raw
-    load_model_arrays(model, base)
     # The strategy's part of local training, e.g. FedProx's proximal term (mu).
     strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
     options = local_training_options(strategy)
+    local = local_entries(strategy, base)  # FedBN: this site's normalisation layers
+    state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
+    rnd = int(job.get("round", 0))
+    load_model_arrays(model, _with_own_layers(base, local, state_dir, rnd - 1))
+    dp_seed = job.get("dp_seed")  # fixes DP noise for tests only; None: from os.urandom
     result = train_local(
-        model, images, labels, plan, seed=int(job["seed"]), progress=progress, **options
+        model,
+        images,
+        labels,
+        plan,
+        seed=int(job["seed"]),
+        progress=progress,
+        dp_seed=None if dp_seed is None else int(dp_seed),
+        **options,
     )
     train_s = clock() - train_started
     encode_started = clock()
     # The update, new weights minus global weights, computed into the global weights' own
     # (decoded, hence private) arrays: one pass per tensor, no model-sized allocation.
     state = model.state_dict()
+    if local:
+        own = {n: state[n].detach().numpy().copy() for n in sorted(local)}
+        for name in local:
+            del base[name]  # never leaves the site
+        if state_dir is not None:
+            local_state.save(state_dir, local_state.NORM_LAYERS, rnd, own)
     for name, array in base.items():
         after = state[name].detach().numpy()
         if array.dtype == np.float32:
@@ -306,7 +369,12 @@ def run_job(
         else:
             base[name] = np.subtract(after, array, dtype=np.float32)
     dp = _privatise(base, plan, job.get("dp_seed"))
-    digest, size = write_update(Path(job["update_path"]), base)
+    if plan.compression == "none":
+        digest, size = write_update(Path(job["update_path"]), base)
+    else:
+        digest, size = write_payload(
+            Path(job["update_path"]), _compress(base, plan.codec, state_dir, rnd)
+        )
     encode_s = clock() - encode_started
     return {
         **({"dp": dp} if dp is not None else {}),
@@ -324,15 +392,59 @@ def run_job(
     }
 
 
+def write_payload(out: Path, payload: bytes) -> tuple[str, int]:
+    """Write an encoded update to ``out`` atomically; its SHA-256 and size."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, out)
+    return hashlib.sha256(payload).hexdigest(), len(payload)
+
+
+def _with_own_layers(
+    weights: dict[str, np.ndarray], local: Any, state_dir: Path | None, up_to: int
+) -> dict[str, np.ndarray]:
+    """``weights`` with this site's normalisation layers (FedBN) saved for the latest round
+    ``<= up_to`` in place; as they are when there are none yet (the first round: the global
+    model's initial values) or the strategy keeps nothing local."""
+    if not local or state_dir is None:
+        return weights
+    from shared.aggregation import merge_local
+    from site_client.core import local_state
+
+    own = local_state.load(state_dir, local_state.NORM_LAYERS, up_to=up_to)
+    return weights if own is None else merge_local(weights, own)
+
+
+def _compress(update: dict[str, np.ndarray], codec: Any, state_dir: Path | None, rnd: int) -> bytes:
+    """The update in the plan's codec. Top-k adds the residual of the latest earlier round
+    and saves the new one as this round's (error feedback, Stich et al. 2018), so retraining
+    a round starts from the same residual."""
+    from shared.aggregation import layout_of
+    from shared.compression import ErrorFeedback, uses_error_feedback
+    from site_client.core import local_state
+
+    if not uses_error_feedback(codec):
+        return bytes(codec.encode(update))
+    saved = None
+    if state_dir is not None:
+        saved = local_state.load(state_dir, local_state.FEEDBACK, up_to=rnd - 1)
+    feedback = ErrorFeedback(layout_of(update), saved)
+    payload = feedback.compress(update, codec)
+    if state_dir is not None:
+        local_state.save(state_dir, local_state.FEEDBACK, rnd, feedback.residual)
+    return payload
+
+
 def _privatise(update: dict[str, np.ndarray], plan: Any, seed: Any) -> dict[str, float] | None:
     """Client-level DP (``shared.privacy.client_dp``) when the plan asks for it: clip the
     update to ``dp.clip_norm`` and add the site's full share of Gaussian noise, in place, before
     anything is hashed or written, so no unprotected copy leaves this process. The noise comes
     from a generator seeded by ``os.urandom``; ``seed`` (the job's ``dp_seed``) fixes it for
     tests only. Returns the norms for the site's round record (they stay at the site)."""
-    if plan.dp is None:
-        return None
-    from shared.privacy.client_dp import clip_and_noise, secure_rng
+    from shared.privacy.client_dp import ClientDP, clip_and_noise, secure_rng
+
+    if not isinstance(plan.dp, ClientDP):
+        return None  # no DP, or example-level DP-SGD, done during training
 
     rng = secure_rng() if seed is None else np.random.default_rng(int(seed))
     report = clip_and_noise(update, plan.dp, rng)
@@ -348,6 +460,7 @@ def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str,
     metrics only leave the site). Undefined metrics (one class only) are ``None``."""
     import torch
 
+    from shared.aggregation import local_entries, make_strategy
     from shared.models.registry import build_model
     from shared.models.state import load_model_arrays
     from shared.plan import TrainingPlan
@@ -365,6 +478,7 @@ def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str,
             plan,
             int(job["data_seed"]),
             holdout=True,
+            keep_open=reuse_model,
         )
     else:
         from site_client.core.dataset import LocalDataset
@@ -387,7 +501,14 @@ def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str,
             seed=plan.seed,
         )
     )
-    load_model_arrays(model, decode_tensors(raw))
+    weights = decode_tensors(raw, copy=False)
+    strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
+    state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
+    # FedBN: the model of round r is used with the layers this site trained with it.
+    weights = _with_own_layers(
+        weights, local_entries(strategy, weights), state_dir, int(job.get("round", 0))
+    )
+    load_model_arrays(model, weights)
     return {"metrics": evaluate(model, images, labels).to_dict()}
 
 

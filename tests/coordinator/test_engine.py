@@ -246,6 +246,18 @@ def test_aggregate_failed_keeps_the_updates_already_stored():
     assert actions[-1] == Aggregate(1, ("a", "b", "c"))
 
 
+def test_without_carried_updates_a_failed_attempt_invites_every_site_again():
+    """Secure aggregation keeps no update: a retried attempt needs fresh masked updates from
+    every site, so none counts as already reported."""
+    engine = make(carry_updates=False)
+    online(engine, "a", "b", "c")
+    _aggregate_round(engine, 1, 10.0)
+    engine.aggregate_failed(1, "too few survivors", 11.0)
+    actions = engine.tick(11.0 + RETRY)
+    assert invited(actions) == ["a", "b", "c"]
+    assert not any(isinstance(a, Aggregate) for a in actions)
+
+
 # -- restart -------------------------------------------------------------------------------
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.heterogeneity import FEATURES, scanner_shift, total_variation
+from coordinator.heterogeneity import (
+    FEATURES,
+    scanner_shift,
+    shift_entry,
+    shift_warning,
+    total_variation,
+)
 
 
 def _summary(scanner: dict[str, int], spacing: dict[str, int] | None = None) -> dict:
@@ -43,3 +49,16 @@ def test_levels_and_the_most_different_pair() -> None:
     assert strong.pair == ("s1", "s3")
     assert "FedBN" in strong.message
     assert scanner_shift({"s1": _summary({"A": 1})}).level == "unknown"
+
+
+def test_the_warning_suggests_fedbn_only_for_strong_shift_under_another_strategy() -> None:
+    strong = {"s1": _summary({"A": 4}), "s2": {f: {"other": 4} for f in FEATURES}}
+    entry = shift_entry(strong, "fedavg")
+    assert entry is not None and entry["level"] == "strong" and entry["sites"] == 2
+    assert entry["pair"] == ["s1", "s2"] and "FedBN" in entry["warning"]
+    assert "'fedavg'" in entry["warning"]
+    assert shift_entry(strong, "fedbn")["warning"] is None  # the plan already keeps BN local
+    alike = {"s1": _summary({"A": 5}), "s2": _summary({"A": 9})}
+    assert shift_entry(alike, "fedavg")["warning"] is None
+    assert shift_warning(scanner_shift(alike), "fedavg") is None
+    assert shift_entry({"s1": _summary({"A": 1})}, "fedavg") is None  # nothing to compare

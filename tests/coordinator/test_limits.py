@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from coordinator.limits import (
     Rate,
     TokenBucket,
     UploadSlots,
+    Verdict,
 )
 
 # --- rates and buckets --------------------------------------------------------------------
@@ -118,9 +121,66 @@ def test_a_fast_sender_is_slowed_and_a_flood_is_cut_off() -> None:
         "protocol.rate",
         "too many messages; disconnecting (the site reconnects by itself)",
     )
-    # A refused message does not deepen the debt: the sender that stops recovers.
-    assert meter.admit(1.0).wait_s == pytest.approx(0.01)
-    assert meter.admit(3.0).wait_s == 0
+    # Until it pauses, the sender is still flooding; once its bucket has refilled, it is
+    # welcome again (a refused message did not deepen the debt).
+    assert not meter.admit(1.0).allowed
+    assert meter.admit(3.0) == Verdict(True)
+
+
+def adapter(meter: MessageRate, frames: int, jitter: Callable[[int], float]) -> list[Verdict]:
+    """What the server does with a sender that never stops: read one frame, admit it, sleep
+    the wait it was given (plus the event loop's ``jitter``), read the next."""
+    now, verdicts = 0.0, []
+    for n in range(frames):
+        verdict = meter.admit(now)
+        verdicts.append(verdict)
+        if not verdict.allowed:
+            break
+        now += verdict.wait_s + jitter(n)
+    return verdicts
+
+
+@pytest.mark.parametrize(
+    "jitter",
+    [
+        lambda n: 0.0,
+        lambda n: 0.0002,  # every sleep a little late
+        lambda n: 0.02 if n % 50 == 0 else 0.0,  # now and then two messages' worth late
+    ],
+    ids=["exact", "late", "hiccups"],
+)
+def test_a_flood_read_one_frame_at_a_time_is_cut_off(jitter: Callable[[int], float]) -> None:
+    """The server's sleep pays the debt back before it reads the next frame, so the debt
+    never grows; the flood is seen by how long the sender has been held back."""
+    meter = MessageRate(Rate(per_s=100, burst=10), now=0.0, max_wait_s=1.0)
+
+    verdicts = adapter(meter, 10_000, jitter)
+
+    *served, cut = verdicts
+    assert all(v.allowed for v in served) and all(v.wait_s < 0.011 for v in served)
+    assert (cut.allowed, cut.code) == (False, "protocol.rate")
+    # The burst, then about one second at the rate: never before, not much after.
+    assert 10 + 100 * 0.8 <= len(served) <= 10 + 100 * 1.05
+
+
+def test_a_sender_that_pauses_is_never_cut_off() -> None:
+    """Bursts of 60 messages at once against 100 per second with a burst of 10, each
+    followed by a pause of half a second: slowed in every burst, never disconnected."""
+    meter = MessageRate(Rate(per_s=100, burst=10), now=0.0, max_wait_s=1.0)
+    now = 0.0
+    for _ in range(20):
+        for _ in range(60):
+            verdict = meter.admit(now)
+            assert verdict.allowed
+            now += verdict.wait_s
+        now += 0.5
+    assert meter.admit(now) == Verdict(True)
+
+
+def test_free_frames_cost_nothing() -> None:
+    meter = MessageRate(Rate(per_s=1, burst=1), now=0.0, max_wait_s=0.0)
+    assert all(meter.admit(0.0, cost=0) == Verdict(True) for _ in range(10_000))
+    assert meter.admit(0.0).allowed and not meter.admit(0.0).allowed
 
 
 def test_a_negative_max_wait_is_refused() -> None:

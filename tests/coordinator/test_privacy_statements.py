@@ -32,9 +32,21 @@ def test_a_plan_without_dp_claims_no_budget() -> None:
     assert "No differential privacy" in _privacy(demo_plan().to_dict())
 
 
-def test_demo_secure_aggregation_flag_says_not_available_and_exits_2(capsys) -> None:
-    assert main(["demo", "--secure-aggregation", "--dp"]) == 2
-    assert "Secure aggregation is not available in this version yet" in capsys.readouterr().err
+def test_demo_secure_aggregation_flag_reaches_the_demo(monkeypatch) -> None:
+    import coordinator.demo
+
+    asked: dict = {}
+    monkeypatch.setattr(coordinator.demo, "run_demo", lambda **kw: asked.update(kw) or 0)
+    assert main(["demo", "--secure-aggregation", "--dp", "--rounds", "2"]) == 0
+    assert asked["secure_aggregation"] is True and asked["dp"] is True and asked["rounds"] == 2
+    plan = demo_plan(secure_aggregation=True, weighting="uniform", max_update_norm=5.0)
+    assert protections(plan.to_dict())[0].startswith("Secure aggregation: the coordinator sees")
+    dp = {"clip_norm": 2.0, "noise_multiplier": 0.9, "delta": 1e-6}
+    private = demo_plan(secure_aggregation=True, weighting="uniform", dp=dp)
+    assert (
+        "adds its share of Gaussian noise, so that the sum the coordinator sees carries "
+        in (protections(private.to_dict())[1])
+    )
 
 
 def test_demo_help_lists_the_privacy_flags(capsys) -> None:

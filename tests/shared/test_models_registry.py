@@ -23,7 +23,12 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 
 def test_available_architectures_lists_every_v1() -> None:
-    assert available_architectures() == [("densenet121", "1"), ("mlp", "1"), ("small_cnn", "1")]
+    assert available_architectures() == [
+        ("densenet121", "1"),
+        ("mlp", "1"),
+        ("small_cnn", "1"),
+        ("small_cnn_gn", "1"),
+    ]
     assert get_architecture("small_cnn", "1").name == "small_cnn"
 
 

@@ -104,7 +104,8 @@ def test_hash_changes_when_a_field_changes(field: str, value: Any) -> None:
         ("seed", -1, r"'seed' must be an integer from 0 to 9223372036854775807"),
         ("seed", 2**63, r"'seed' must be an integer from 0"),
         ("aggregation", "krum", r"'aggregation' must be one of 'fedavg', 'fedprox', 'fedadam'"),
-        ("aggregation", "fedbn", r"'fedbn' is not available in this version yet"),
+        ("compression", "gzip", r"'compression' is invalid: Unknown update codec 'gzip'"),
+        ("compression", "topk:2", r"the top-k fraction must be in \(0, 1\]"),
         ("aggregation_params", {"mu": 0.1}, r"'fedavg' has no setting\(s\) 'mu'"),
         ("aggregation_params", [1], r"'aggregation_params' must be an object mapping names"),
         ("weighting", "sites", r"'weighting' must be one of 'samples', 'uniform'"),
@@ -332,13 +333,35 @@ def test_dp_works_with_robust_and_proximal_strategies(aggregation: str, params: 
     assert plan.dp is not None and plan.aggregation == aggregation
 
 
-def test_secure_aggregation_is_refused_for_now_and_median_with_it_never() -> None:
-    with pytest.raises(PlanError, match="Secure aggregation is not available in this version yet"):
-        TrainingPlan.from_dict(_plan_dict(secure_aggregation=True))
-    with pytest.raises(PlanError, match="cannot be computed under secure aggregation"):
-        TrainingPlan.from_dict(
-            _plan_dict(secure_aggregation=True, aggregation="median", quorum=3, min_sites=3)
-        )
+_SECAGG = {"secure_aggregation": True, "quorum": 3, "min_sites": 3, "weighting": "uniform"}
+
+
+def test_secure_aggregation_is_accepted_with_a_bound_and_takes_dps_clip_norm() -> None:
+    bounded = TrainingPlan.from_dict(_plan_dict(**_SECAGG, max_update_norm=5.0))
+    assert bounded.secure_aggregation and bounded.secagg_clip_norm == 5.0
+    assert bounded.to_dict()["secure_aggregation"] is True
+    private = TrainingPlan.from_dict(_plan_dict(**_SECAGG, dp=_DP))
+    assert private.secagg_clip_norm == _DP["clip_norm"]
+    fedbn = TrainingPlan.from_dict(_plan_dict(**_SECAGG, max_update_norm=5.0, aggregation="fedbn"))
+    assert fedbn.aggregation == "fedbn"  # only the shared layers are masked
+    assert demo_plan().secagg_clip_norm is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "match"),
+    [
+        ({"min_sites": 0, "quorum": 2}, "min_sites", "at least 3 sites per round"),
+        ({"weighting": "samples"}, "weighting", "cannot weight each site's update"),
+        ({"max_update_norm": None}, "max_update_norm", "needs a bound on each update"),
+        ({"aggregation": "median"}, "aggregation", "cannot be computed under secure aggregation"),
+    ],
+)
+def test_secure_aggregation_refuses_what_cannot_work(
+    changes: dict[str, Any], field: str, match: str
+) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(_plan_dict(**{**_SECAGG, "max_update_norm": 5.0, **changes}))
+    assert info.value.fields["field"] == field
     with pytest.raises(PlanError, match="'secure_aggregation' must be true or false"):
         TrainingPlan.from_dict(_plan_dict(secure_aggregation="yes"))
 
@@ -351,3 +374,48 @@ def test_plan_epsilon_is_the_accountants_for_rounds_at_full_participation() -> N
     assert plan.epsilon == pytest.approx(expected, rel=1e-12)
     assert 5.0 < expected < 20.0  # seven plain Gaussian mechanisms at z = 1.1
     assert demo_plan(rounds=14, weighting="uniform", dp=_DP).epsilon > plan.epsilon
+
+
+# -- heterogeneity and compression (issue 6) ----------------------------------------------
+
+
+def test_fedbn_needs_normalisation_layers_in_the_planned_model() -> None:
+    assert demo_plan(aggregation="fedbn").aggregation == "fedbn"  # small_cnn: BatchNorm
+    momentum = demo_plan(aggregation="fedbn", aggregation_params={"server_momentum": 0.5})
+    assert momentum.aggregation_params == {"server_momentum": 0.5}
+    with pytest.raises(PlanError, match=r"this model has none .* would be plain FedAvg") as info:
+        demo_plan(aggregation="fedbn", architecture="mlp", input_size=32)
+    assert info.value.fields["field"] == "aggregation"
+
+
+def test_compression_is_canonical_hashed_and_left_out_at_none() -> None:
+    plain = demo_plan()
+    assert plain.compression == "none" and "compression" not in plain.to_dict()
+    assert demo_plan(compression="none").plan_hash == plain.plan_hash
+    spelled = demo_plan(compression="int8;block=256+zstd")
+    assert spelled.compression == "int8+zstd" and spelled.codec.name == "int8+zstd"
+    assert spelled.plan_hash == demo_plan(compression="int8+zstd").plan_hash != plain.plan_hash
+    assert TrainingPlan.from_dict(spelled.to_dict()) == spelled
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"compression": "topk:0.01"}, "masks make every coordinate non-zero"),
+        ({"compression": "int8+zstd"}, "per-block scales, so the masked sum"),
+        ({"compression": "fp16+zstd"}, "which zstd cannot shrink"),
+        ({"compression": "fp16"}, "float16 saves nothing"),
+    ],
+)
+def test_codecs_that_cannot_work_under_secure_aggregation_are_refused(
+    changes: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(_plan_dict(secure_aggregation=True, **changes))
+    assert info.value.fields["field"] == "compression"
+
+
+def test_topk_is_refused_with_a_robust_estimator() -> None:
+    with pytest.raises(PlanError, match="does not work with top-k compression"):
+        demo_plan(aggregation="median", quorum=3, min_sites=3, compression="topk:0.01+zstd")
+    assert demo_plan(aggregation="median", quorum=3, min_sites=3, compression="int8").codec

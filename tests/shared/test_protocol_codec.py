@@ -27,6 +27,7 @@ from shared.protocol import (
     HeadRequest,
     HeadUpdate,
     Limits,
+    MaskedUpdateOffer,
     Message,
     PlanDecision,
     ReleaseAcceptance,
@@ -34,6 +35,11 @@ from shared.protocol import (
     RoundDecline,
     RoundInvite,
     RunFinished,
+    SecAggKeys,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggUnmaskResponse,
     TransferAccept,
     TransferOffer,
     UpdateAccepted,
@@ -280,6 +286,107 @@ STRATEGIES[ReleaseAcceptance] = st.builds(
     reason=sized_text(0, 100),
     person=persons,
     signature=texts,
+)
+
+# Secure aggregation: the envelopes carry shared.privacy.secagg messages as their fields.
+_secagg_base = {
+    "run_id": texts,
+    "round": st.integers(0, 10_000),
+    "config_digest": hex64,
+    "signature": texts,
+}
+_shares = st.builds(
+    lambda x, y, t: {"x": x, "y": format(y, "x"), "t": t},
+    st.integers(1, 255),
+    st.integers(0, (1 << 256) - 1),
+    st.integers(1, 255),
+)
+
+
+@st.composite
+def _setups(draw: st.DrawFn) -> SecAggSetup:
+    sites = draw(st.lists(idents, min_size=2, max_size=5, unique=True))
+    n = len(sites)
+    return SecAggSetup(
+        run_id=draw(idents),
+        round=draw(rounds),
+        config={
+            "run_id": draw(idents),
+            "round": draw(rounds),
+            "sites": sites,
+            "threshold": draw(st.integers(n // 2 + 1, n)),
+            "vector_length": draw(st.integers(1, 1 << 30)),
+            "bits": draw(st.sampled_from([32, 64])),
+            "clip_norm": draw(st.floats(0.01, 1e6)),
+            "max_sites": draw(st.integers(n, 64)),
+        },
+        site_keys={s: draw(sized_text(1, 64)) for s in sites},
+        signature=draw(texts),
+    )
+
+
+STRATEGIES[SecAggSetup] = _setups()
+STRATEGIES[SecAggKeys] = st.builds(
+    SecAggKeys,
+    run_id=idents,
+    round=rounds,
+    advertisements=st.lists(
+        st.fixed_dictionaries(
+            {**_secagg_base, "site": texts, "cipher_public": texts, "mask_public": texts}
+        ),
+        max_size=3,
+    ),
+)
+STRATEGIES[SecAggShares] = st.builds(
+    SecAggShares,
+    run_id=idents,
+    round=rounds,
+    shares=st.lists(
+        st.fixed_dictionaries(
+            {
+                **_secagg_base,
+                "sender": texts,
+                "recipient": texts,
+                "ciphertext": texts,
+                "self_mask_commitment": hex64,
+            }
+        ),
+        max_size=3,
+    ),
+)
+STRATEGIES[MaskedUpdateOffer] = st.builds(
+    MaskedUpdateOffer,
+    run_id=idents,
+    round=rounds,
+    masked=st.fixed_dictionaries({**_secagg_base, "site": texts, "digest": hex64}),
+    update=offers,
+    num_samples=st.integers(1, 10**9),
+    train_loss=finite,
+)
+STRATEGIES[SecAggUnmask] = st.builds(
+    SecAggUnmask,
+    run_id=idents,
+    round=rounds,
+    request=st.fixed_dictionaries(
+        {
+            **_secagg_base,
+            "survivors": st.lists(idents, max_size=4),
+            "dropped": st.lists(idents, max_size=2),
+        }
+    ),
+)
+STRATEGIES[SecAggUnmaskResponse] = st.builds(
+    SecAggUnmaskResponse,
+    run_id=idents,
+    round=rounds,
+    response=st.fixed_dictionaries(
+        {
+            **_secagg_base,
+            "site": texts,
+            "self_mask_shares": st.lists(st.tuples(idents, _shares).map(list), max_size=3),
+            "mask_key_shares": st.lists(st.tuples(idents, _shares).map(list), max_size=2),
+        }
+    ),
 )
 
 messages = st.one_of(*STRATEGIES.values())
@@ -649,3 +756,67 @@ def test_a_data_summary_is_counts_only(summary: object, why: str) -> None:
         DataSummaryReport(summary=summary)  # type: ignore[arg-type]
     assert info.value.code == "protocol.schema"
     assert DataSummaryReport(summary=_summary(by_modality={"CR": 3})).summary["by_modality"]
+
+
+_SETUP = SecAggSetup(
+    run_id="run",
+    round=1,
+    config={
+        "run_id": "run:1",
+        "round": 1,
+        "sites": ["a", "b", "c"],
+        "threshold": 2,
+        "vector_length": 10,
+        "bits": 32,
+        "clip_norm": 1.0,
+        "max_sites": 3,
+    },
+    site_keys={"a": "ka", "b": "kb", "c": "kc"},
+    signature="s",
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "value", "match"),
+    [
+        (
+            SecAggKeys(run_id="r", round=1, advertisements=[]),
+            "advertisements",
+            [{"site": "a"}],
+            "advertisement is malformed",
+        ),
+        (
+            SecAggUnmask(
+                run_id="r",
+                round=1,
+                request={
+                    "run_id": "r",
+                    "round": 1,
+                    "config_digest": "d",
+                    "signature": "s",
+                    "survivors": ["a"],
+                    "dropped": [],
+                },
+            ),
+            "request",
+            {"survivors": 3},
+            "request is malformed",
+        ),
+        (_SETUP, "round", 0, "round must be >= 1"),
+    ],
+)
+def test_secure_aggregation_envelopes_refuse_malformed_contents(
+    message: Message, field: str, value: Any, match: str
+) -> None:
+    assert decode(encode(message)) == message
+    with pytest.raises(RemoteProtocolError, match=match) as info:
+        decode(frame({"type": message.TYPE, "id": "m", "body": {**message.body(), field: value}}))
+    assert info.value.code == "protocol.schema"
+
+
+def test_a_secure_aggregation_setup_with_a_threshold_below_a_majority_is_refused() -> None:
+    config = {**_SETUP.config, "sites": ["a", "b", "c", "d"], "threshold": 2, "max_sites": 4}
+    body = {**_SETUP.body(), "config": config}
+    with pytest.raises(RemoteProtocolError, match="threshold must be from 3") as info:
+        decode(frame({"type": "secagg_setup", "id": "m", "body": body}))
+    assert info.value.code == "protocol.schema"

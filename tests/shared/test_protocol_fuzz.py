@@ -49,6 +49,7 @@ from shared.protocol import (
     HeadRequest,
     HeadUpdate,
     Limits,
+    MaskedUpdateOffer,
     Message,
     PlanDecision,
     ReleaseAcceptance,
@@ -56,6 +57,11 @@ from shared.protocol import (
     RoundDecline,
     RoundInvite,
     RunFinished,
+    SecAggKeys,
+    SecAggSetup,
+    SecAggShares,
+    SecAggUnmask,
+    SecAggUnmaskResponse,
     TransferAccept,
     UpdateAccepted,
     UpdateOffer,
@@ -114,6 +120,10 @@ COORDINATOR_ACCEPTS: dict[Phase, set[type[Message]]] = {
         HeadRequest,
         Dispute,
         ReleaseAcceptance,
+        SecAggKeys,
+        SecAggShares,
+        MaskedUpdateOffer,
+        SecAggUnmaskResponse,
         ErrorMessage,
     },
 }
@@ -130,12 +140,34 @@ SITE_ACCEPTS: dict[Phase, set[type[Message]]] = {
         GovernanceNotice,
         HeadUpdate,
         ReleaseNotice,
+        SecAggSetup,
+        SecAggKeys,
+        SecAggShares,
+        SecAggUnmask,
         ErrorMessage,
     },
 }
 # Only the coordinator sends these: a site must never get the coordinator to act on one.
-COORDINATOR_ONLY = {Challenge, Welcome, RoundInvite, UpdateAccepted, RunFinished, GovernanceNotice}
-SITE_ONLY = {Enrol, Authenticate, UpdateOffer, RoundDecline, DataSummaryReport, PlanDecision}
+COORDINATOR_ONLY = {
+    Challenge,
+    Welcome,
+    RoundInvite,
+    UpdateAccepted,
+    RunFinished,
+    GovernanceNotice,
+    SecAggSetup,
+    SecAggUnmask,
+}
+SITE_ONLY = {
+    Enrol,
+    Authenticate,
+    UpdateOffer,
+    RoundDecline,
+    DataSummaryReport,
+    PlanDecision,
+    MaskedUpdateOffer,
+    SecAggUnmaskResponse,
+}
 
 any_message = st.one_of(*STRATEGIES.values())
 handshake = {

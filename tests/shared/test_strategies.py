@@ -32,14 +32,17 @@ from shared.aggregation import (
     fedavg_weights,
     initial_state,
     keeps_norm_layers_local,
+    local_entries,
     local_keys,
     local_training_options,
     make_strategy,
     merge_local,
     norm_layer_keys,
+    server_optimiser,
     server_step,
     split_update,
     trimmed_mean,
+    upload_layout,
     validate_strategy,
 )
 from shared.errors import PlanError, UpdateError
@@ -353,6 +356,26 @@ def test_fedbn_aggregates_shared_entries_only_and_site_keeps_its_own():
     assert e.value.code == "update.keys"
 
 
+def test_upload_layout_drops_fedbns_local_entries_by_name_only():
+    layout = {
+        "conv.weight": ((2, 1, 3, 3), "float32"),
+        "bn.weight": ((2,), "float32"),
+        "bn.bias": ((2,), "float32"),
+        "bn.running_mean": ((2,), "float32"),
+        "bn.running_var": ((2,), "float32"),
+        "head.weight": ((1, 2), "float32"),
+    }
+    bn = {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}
+    assert local_entries(FedBNConfig(), layout) == bn
+    assert upload_layout(FedBNConfig(), layout) == {
+        "conv.weight": ((2, 1, 3, 3), "float32"),
+        "head.weight": ((1, 2), "float32"),
+    }
+    for other in (FedAvgConfig(), make_strategy("fedprox", {"mu": 0.1}), MedianConfig()):
+        assert local_entries(other, layout) == frozenset()
+        assert upload_layout(other, layout) == layout
+
+
 # --- properties ----------------------------------------------------------------------------
 
 update_st = st.fixed_dictionaries(
@@ -507,3 +530,25 @@ def test_server_optimisers_average_normalisation_statistics_plainly(optimiser):
     np.testing.assert_array_equal(new["bn.running_var"], np.full(3, 1.5, np.float32))
     assert np.all(np.abs(new["bn.weight"] - 1.0) < 0.5)  # an eta-sized optimiser step
     np.testing.assert_array_equal(after.m["bn.running_var"], state.m["bn.running_var"])
+
+
+def test_fedbn_with_server_momentum_by_hand():
+    config = make_strategy("fedbn", {"server_momentum": 0.5}, weighting="uniform")
+    assert isinstance(config, FedBNConfig) and config.server_momentum == 0.5
+    optimiser = server_optimiser(config)
+    assert optimiser is not None and optimiser.eta == 1.0 and optimiser.beta1 == 0.5
+    assert server_optimiser(FedBNConfig()) is None and server_optimiser(FedAvgConfig()) is None
+    glob = upd(conv=[0, 0], **{"bn.weight": [1]})
+    state = initial_state({"conv": glob["conv"]}, optimiser)
+    # round 1: m = 0.5 * 0 + [2, -1] = [2, -1], w = [0, 0] + m = [2, -1]
+    new, state = apply_aggregate(config, glob, upd(conv=[2, -1]), state)
+    np.testing.assert_array_equal(new["conv"], [2, -1])
+    # round 2: m = 0.5 * [2, -1] + [2, 1] = [3, 0.5], w = [2, -1] + m = [5, -0.5]
+    new, state = apply_aggregate(config, new, upd(conv=[2, 1]), state)
+    np.testing.assert_array_equal(new["conv"], [5, -0.5])
+    np.testing.assert_array_equal(new["bn.weight"], [1])  # local layers: never moved
+    assert state is not None and state.step == 2
+    with pytest.raises(PlanError, match="'server_momentum' must be a number in \\[0, 1\\)"):
+        make_strategy("fedbn", {"server_momentum": 1.0})
+    with pytest.raises(PlanError, match="has no setting\\(s\\) 'eta'"):
+        make_strategy("fedbn", {"eta": 1.0})

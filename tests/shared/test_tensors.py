@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from shared.errors import UpdateError
-from shared.tensors import decode_tensors, encode_tensors, tensor_digest
+from shared.tensors import decode_tensors, encode_parts, encode_tensors, tensor_digest
 
 names = st.text(min_size=1, max_size=20).filter(lambda s: s != "__metadata__")
 float32_arrays = hnp.arrays(
@@ -54,6 +54,35 @@ def test_bytes_do_not_depend_on_insertion_order(arrays: dict[str, np.ndarray]) -
 @given(tensor_dicts)
 def test_reference_parser_reads_our_bytes(arrays: dict[str, np.ndarray]) -> None:
     assert _identical(safetensors.numpy.load(encode_tensors(arrays)), arrays)
+
+
+@given(st.dictionaries(st.from_regex(r"[A-Za-z0-9_.:/-]{1,20}", fullmatch=True), float32_arrays))
+def test_float32_payloads_are_byte_for_byte_the_reference_serialisers(
+    arrays: dict[str, np.ndarray],
+) -> None:
+    # encode_tensors writes float32 payloads itself (one copy instead of two); a byte of
+    # difference would give the same model another digest than older versions do.
+    expected = safetensors.numpy.save(arrays)
+    assert encode_tensors(arrays) == expected
+    parts = encode_parts(arrays)
+    assert parts is not None and b"".join(parts) == expected
+
+
+def test_other_payloads_are_left_to_safetensors() -> None:
+    assert encode_parts({"a": np.zeros(2, np.float64)}) is None
+    assert encode_parts({"é": np.zeros(2, np.float32)}) is None  # JSON escapes differ
+    arrays = {"é": np.zeros(2, np.float32), "b": np.ones(3, np.float64)}
+    assert encode_tensors(arrays) == safetensors.numpy.save(arrays)
+
+
+def test_decoding_without_a_copy_gives_views_writable_only_in_a_mutable_buffer() -> None:
+    data = encode_tensors({"a": np.arange(4, dtype=np.float32), "b": np.ones(2, np.float32)})
+    assert not any(a.flags.writeable for a in decode_tensors(data, copy=False).values())
+    buffer = bytearray(data)
+    views = decode_tensors(buffer, copy=False)
+    views["a"][0] = 7.0  # written into the buffer itself
+    assert decode_tensors(bytes(buffer))["a"].tolist() == [7.0, 1.0, 2.0, 3.0]
+    assert decode_tensors(data)["a"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_mixed_dtypes_and_non_contiguous_input() -> None:

@@ -11,8 +11,9 @@ def test_summary_states_what_leaves_and_how_much():
     summary = summarise(plan)
     lines = dict(summary.lines)
     assert summary.parameters == parameter_count(plan) > 50_000
-    assert summary.update_bytes == 4 * summary.parameters
-    assert f"{summary.update_bytes / 1e3:.1f} kB" in lines["What leaves"]
+    # float32 values and the safetensors header, at most
+    assert 4 * (summary.parameters - 10) < summary.update_bytes < 4 * summary.parameters + 8_192
+    assert f"at most {summary.update_bytes / 1e3:.1f} kB" in lines["What leaves"]
     assert "no images, no patient identifiers" in lines["What leaves"]
     assert lines["How long"].startswith("4 rounds")
     assert "no secure aggregation" in lines["Protections"]
@@ -28,3 +29,11 @@ def test_summary_reflects_privacy_and_strategy():
     assert "epsilon 2.50 at delta 1e-06" in lines["Privacy budget"]
     assert "only ever sees the sum" in lines["Protections"]
     assert "FedProx" in lines["Combining"]
+
+
+def test_summary_states_the_compressed_size_under_a_codec():
+    plain = summarise(demo_plan(rounds=4))
+    plan = TrainingPlan.from_dict({**demo_plan(rounds=4).to_dict(), "compression": "int8+zstd"})
+    packed = summarise(plan)
+    assert packed.update_bytes < 0.3 * plain.update_bytes
+    assert "(compressed: int8+zstd)" in dict(packed.lines)["What leaves"]

@@ -166,3 +166,28 @@ def test_the_activity_timeline_tells_release_verdicts_in_words(held):
     assert refusal.signed and not automatic.signed  # a person signed only the refusal
     assert automatic.text.startswith(f"{AUTOMATIC} accepted model release 1.0")
     assert all("signature" not in e.text for e in entries)
+
+
+def test_a_fedbn_release_is_used_with_this_sites_own_normalisation_layers(tmp_path):
+    from shared.aggregation.fedbn import norm_layer_keys
+    from shared.models.state import model_arrays
+    from site_client.core import local_state
+    from site_client.core.predict import load_release
+
+    folder, key = make_release_folder(tmp_path / "coordinator", aggregation="fedbn")
+    held = site_holding(tmp_path, folder, key)
+    plain = load_release(release_dir(held.site_dir, "1.0"), key, site_root=held.site_dir.root)
+    assert plain.needs_own_layers and not plain.own_layers  # this site kept none
+    local = norm_layer_keys(plain.model)
+    norms = {k: v for k, v in model_arrays(plain.model).items() if k in local}
+    assert norms
+    mine = {k: v + 0.25 for k, v in norms.items()}  # what this site trained in the run
+    run = local_state.run_folder(held.site_dir.root, plain.release.run_id)
+    local_state.save(run, local_state.NORM_LAYERS, 1, mine)
+    loaded = load_release(release_dir(held.site_dir, "1.0"), key, site_root=held.site_dir.root)
+    assert loaded.own_layers and not loaded.needs_own_layers
+    arrays = model_arrays(loaded.model)
+    assert all((arrays[k] == mine[k]).all() for k in mine)
+    # the shared layers are the release's, untouched
+    shared_names = [k for k in arrays if k not in local]
+    assert all((arrays[k] == model_arrays(plain.model)[k]).all() for k in shared_names)
