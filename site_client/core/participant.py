@@ -96,6 +96,8 @@ from site_client.core.trainer import Trainer
 
 log = logging.getLogger("tessera.site")
 
+WELCOME_TIMEOUT_S = 60.0  # from the connection opening to the coordinator's welcome
+
 FATAL_CODES = {
     "identity.unknown_site",
     "crypto.bad_signature",
@@ -209,6 +211,8 @@ class Participant:
         self._on_phase = on_phase
         # Every frame this site sends, as sent: for an audit of what leaves the hospital.
         self._on_frame_out = on_frame_out
+        self.welcome_timeout_s = WELCOME_TIMEOUT_S
+        self._welcomed = False
         self.rng = rng or random.Random()
         self.clock = clock  # monotonic: phase timings only
         self.rounds_done: list[tuple[str, int]] = []
@@ -298,6 +302,14 @@ class Participant:
             self._session = SiteSession(limits=self.limits)
             self._downloads.clear()
             self._uploads.clear()
+            self._welcomed = False
+            # A coordinator that accepts the connection but never signs this site in (stuck,
+            # or not a Tessera coordinator) answers pings for ever: give up and reconnect.
+            late: list[asyncio.Task[None]] = []
+            timer = asyncio.get_running_loop().call_later(
+                self.welcome_timeout_s,
+                lambda: None if self._welcomed else late.append(asyncio.ensure_future(ws.close())),
+            )
             try:
                 async for frame in ws:
                     self._session.receive_frame(frame)
@@ -307,11 +319,18 @@ class Participant:
                     if self._session.closed:
                         break
             finally:
+                timer.cancel()
                 self._ws = None
                 for _, fh in self._downloads.values():
                     fh.close()
         if self._finished is not None and self.exit_when_done:
             raise RunOver
+        if late:
+            raise ConnectionFailed(
+                f"The coordinator at {self.config.coordinator_url} accepted the connection but "
+                f"did not sign this site in within {self.welcome_timeout_s:g} s.",
+                code="net.no_welcome",
+            )
 
     async def _flush(self) -> None:
         if self._ws is None or self._session is None:
@@ -385,6 +404,7 @@ class Participant:
                 ),
             )
         elif isinstance(msg, Welcome):
+            self._welcomed = True
             self.on_status(f"connected to {msg.federation} as {msg.site_name}")
             self._phase("connected", federation=msg.federation, site_name=msg.site_name)
             self._ask_head()

@@ -4,17 +4,20 @@ real coordinator (in this event loop, over TLS on loopback) with the site's warm
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import socket
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.server import serve
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.server import CoordinatorServer
 from shared.crypto.keys import generate_signing_key, public_key_b64, save_private_key
+from shared.crypto.tls import generate_self_signed, server_ssl_context
 from shared.errors import ConnectionFailed
 from shared.phases import COORDINATOR_PHASES, SITE_PHASES, TIMINGS_FILE, read_timings
 from shared.plan import demo_plan
@@ -77,6 +80,38 @@ def test_an_unreachable_coordinator_is_retried_then_reported(tmp_path: Path) -> 
     assert info.value.code == "net.unreachable"
     assert len(statuses) == 3  # each failed attempt was shown to the user
     assert all("connection lost" in s or "unreachable" in s for s in statuses)
+
+
+async def test_a_coordinator_that_never_signs_the_site_in_is_left_and_retried(
+    tmp_path: Path,
+) -> None:
+    """It accepts TLS and the websocket, then says nothing (stuck, or not a coordinator):
+    pings alone would keep the site waiting for ever."""
+    fingerprint = generate_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem")
+    context = server_ssl_context(tmp_path / "cert.pem", tmp_path / "key.pem")
+    accepted = 0
+
+    async def silent(ws) -> None:
+        nonlocal accepted
+        accepted += 1
+        await ws.wait_closed()
+
+    async with serve(silent, "127.0.0.1", 0, ssl=context) as server:
+        port = server.sockets[0].getsockname()[1]
+        site_dir = _enrolled_site(tmp_path, port)
+        site_dir.save(dataclasses.replace(site_dir.load(), fingerprint=fingerprint))
+        statuses: list[str] = []
+        participant = Participant(
+            site_dir,
+            LocalData(tmp_path / "dicom", tmp_path / "labels.csv"),
+            backoff=Backoff(base_s=0.01, cap_s=0.05),
+            on_status=statuses.append,
+        )
+        participant.welcome_timeout_s = 0.5
+        with pytest.raises(ConnectionFailed, match="after 2 attempts"):
+            await asyncio.wait_for(participant.run(max_attempts=2), timeout=30)
+    assert accepted == 2
+    assert all("did not sign this site in within 0.5 s" in s for s in statuses), statuses
 
 
 def test_a_site_that_never_enrolled_is_told_what_to_do(tmp_path: Path) -> None:
