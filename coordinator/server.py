@@ -1300,10 +1300,12 @@ class CoordinatorServer:
             conn.session.send(
                 ErrorMessage(
                     code=getattr(exc, "code", "storage.write"),
-                    message="the coordinator could not store the update; it will ask again",
+                    message="the coordinator could not store the update; keep it, it will "
+                    "ask again",
                     ref=msg.TYPE,
                 )
             )
+            self._pause(exc)  # a failed disk write: stop the run rather than go on without it
             return
         log.info("update from %s for round %d stored (norm %.4g)", site_id, msg.round, norm)
         conn.session.send(UpdateAccepted(run_id=msg.run_id, round=msg.round, sha256=digest))

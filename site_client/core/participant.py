@@ -459,8 +459,9 @@ class Participant:
 
     def _on_error(self, msg: ErrorMessage) -> None:
         self.on_status(f"coordinator says [{msg.code}]: {msg.message}")
-        if msg.ref == "update_offer":
+        if msg.ref == "update_offer" and not msg.code.startswith("storage."):
             # The update will not be taken (stale, rejected): forget it, train again if asked.
+            # One the coordinator could not store (its disk) is kept and offered again.
             for path in self.dir.outbox.glob("*.json"):
                 path.unlink(missing_ok=True)
         if msg.fatal and msg.code in FATAL_CODES:
