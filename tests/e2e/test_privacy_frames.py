@@ -21,12 +21,9 @@ from coordinator.federation import Federation
 from coordinator.server import CoordinatorServer
 from shared.plan import demo_plan
 from shared.synthetic import generate_federation
-from site_client.core.config import SiteDir
-from site_client.core.enrolment import enrol
 from site_client.core.governance_link import StandingApprovals
-from site_client.core.intake.importer import import_folder
-from site_client.core.intake.labels import attach_labels
 from site_client.core.participant import LocalData, Participant
+from tests.e2e.sites import enrolled_sites
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -91,17 +88,7 @@ async def test_no_pixel_data_and_no_patient_identifier_ever_leaves_a_site(tmp_pa
     frames: dict[str, list[bytes]] = {}
     try:
         await asyncio.wait_for(ready, timeout=10)
-        sites = []
-        for i, site in enumerate(data.sites):
-            site_dir = SiteDir(tmp_path / f"site-{i}")
-            await enrol(fed.invite(site.name), site_dir, site.name)
-            index = site_dir.open_index()
-            try:
-                import_folder(index, site.dicom_dir)
-                attach_labels(index, site.labels_csv)
-            finally:
-                index.close()
-            sites.append(site_dir)
+        sites = await enrolled_sites(fed, data, tmp_path)
         plan = demo_plan(
             rounds=2, quorum=2, min_sites=2, input_size=32, batch_size=8, local_epochs=1
         )

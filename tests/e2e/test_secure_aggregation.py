@@ -31,12 +31,10 @@ from shared.provenance.bundle import verify_bundle
 from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors
 from site_client.core.config import SiteDir
-from site_client.core.enrolment import enrol
 from site_client.core.governance_link import StandingApprovals
-from site_client.core.intake.importer import import_folder
-from site_client.core.intake.labels import attach_labels
 from site_client.core.participant import LocalData, Participant, PhaseEvent
 from site_client.core.secagg_participant import record_path
+from tests.e2e.sites import enrolled_sites
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -61,16 +59,7 @@ async def _run(
     sites: list[SiteDir] = []
     try:
         await asyncio.wait_for(ready, timeout=10)
-        for i, site in enumerate(data.sites):
-            site_dir = SiteDir(tmp_path / f"site-{i}")
-            await enrol(fed.invite(site.name), site_dir, site.name)
-            index = site_dir.open_index()
-            try:
-                import_folder(index, site.dicom_dir)
-                attach_labels(index, site.labels_csv)
-            finally:
-                index.close()
-            sites.append(site_dir)
+        sites.extend(await enrolled_sites(fed, data, tmp_path))
         plan = demo_plan(
             rounds=rounds,
             quorum=2,
