@@ -543,8 +543,13 @@ class CoordinatorServer:
 
     def _send_finished(self, conn: Connection) -> None:
         """Say the run is over and offer its final model, signed once, for the sites'
-        validation on their own held-out data."""
+        validation on their own held-out data. After a restart with no run active, the
+        latest finished run: a site that was told nothing before the restart learns it now."""
         run, plan = self.run, self.plan
+        if run is None:
+            finished = [r for r in self.fed.store.runs() if r.status == "finished"]
+            if finished:
+                run, plan = finished[-1], self.fed.plan(finished[-1].plan_hash)
         if run is None or plan is None or run.status != "finished":
             return
         final = self._final

@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
+from coordinator.localrun import free_port
 from coordinator.server import CoordinatorServer
 from coordinator.store import RunRecord
 from shared.crypto.keys import generate_signing_key, load_private_key, public_key_b64
@@ -40,6 +41,7 @@ from shared.identity.invitation import (
     decode_invitation,
     encode_invitation,
     new_token,
+    token_digest,
 )
 from shared.phases import COORDINATOR_PHASES, TIMINGS_FILE, read_timings
 from shared.plan import TrainingPlan, demo_plan
@@ -904,3 +906,33 @@ async def test_a_round_past_its_deadline_is_retried(fed: Federation, site: Enrol
     (retry,) = fed.store.events("round_retry")
     assert re.search("0 of the quorum of 1 sites reported", retry["detail"]["reason"])
     assert stored_run(fed, run.run_id).status == "running"
+
+
+async def test_a_restarted_coordinator_tells_a_site_the_last_run_is_over(tmp_path: Path) -> None:
+    """The run finished just before the coordinator was killed, so no site heard it; after
+    the restart no run is active, and a site connecting now is told (or would wait for
+    ever for rounds that never come)."""
+    config = CoordinatorConfig(federation="Test", host="127.0.0.1", port=free_port())
+    fed = Federation.init(tmp_path / "coord", config)
+    key = generate_signing_key()
+    token = decode_invitation(fed.invite("Site A")).token
+    site = fed.store.redeem_invitation(token_digest(token), public_key_b64(key), 1.0)
+    run = fed.start_run(fed.add_plan(demo_plan(**PLAN)))
+    fed.store.open_round(run.run_id, 1, [site.site_id], run.model_digest, 2.0, 60.0)
+    fed.store.commit_round(run.run_id, 1, run.model_digest, 0, 0.5, True, 3.0)
+    assert fed.store.active_run() is None
+    srv = CoordinatorServer(fed, limits=Limits(chunk_size=CHUNK), admin_poll_s=0.05)
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(srv.serve(ready=ready.set_result))
+    try:
+        await asyncio.wait_for(ready, TIMEOUT)
+        async with rogue(fed) as conn:
+            await conn.authenticate(site.site_id, key)
+            await conn.expect(Welcome)
+            finished = await conn.expect(RunFinished)
+            assert (finished.run_id, finished.rounds) == (run.run_id, 1)
+            assert finished.final_model == fed.store.run(run.run_id).model_digest
+    finally:
+        srv.stop()
+        await asyncio.wait_for(task, TIMEOUT)
+        fed.close()
