@@ -36,13 +36,13 @@ Opacus in ``shared.training``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import PrivacyParameterError
 from shared.privacy.accountant import SampledGaussian, get_epsilon
+from shared.privacy.client_dp import _positive  # the dp block's one parameter rule
 
 __all__ = [
     "LEVEL",
@@ -55,22 +55,6 @@ __all__ = [
 
 #: The ``dp`` block's ``level`` that selects DP-SGD.
 LEVEL = "example"
-
-
-def _positive(name: str, value: Any, *, below_one: bool = False) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and value > 0
-        and (not below_one or value < 1)
-    )
-    if not ok:
-        allowed = "a number strictly between 0 and 1" if below_one else "a finite number > 0"
-        raise PrivacyParameterError(
-            f"dp.{name} must be {allowed}, not {value!r}.", code="privacy.bad_parameter"
-        )
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
