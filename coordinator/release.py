@@ -24,7 +24,6 @@ architecture's name and version and the plan hash travel in the signed manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ from shared.plan import TrainingPlan
 from shared.protocol import signed
 from shared.protocol.messages import ReleaseAcceptance
 from shared.provenance.log import LogEntry, TreeHead
-from shared.tensors import decode_tensors, encode_tensors
+from shared.tensors import decode_tensors
 
 TABLE = "releases"
 ACCEPTANCES = "release_acceptances"
@@ -416,33 +415,16 @@ def make_release(
     plan = fed.plan(run.plan_hash)
     charter = fed.store.charter()
     federation = fed.config.federation
-    weights = encode_tensors(
-        decode_tensors(fed.blobs.get(run.model_digest)),
-        {
-            "format": layout.FORMAT,
-            "federation": federation,
-            "release_version": version,
-            "run_id": run_id,
-            "plan_hash": plan.plan_hash,
-            "architecture": f"{plan.architecture}/{plan.architecture_version}",
-            "weights_sha256": run.model_digest,
-        },
-    )
-    card_json = model_card(fed, run, plan, charter, version, now)
-    card = layout.json_bytes(card_json)
-    page = layout.render_model_card_html(card_json).encode("utf-8")
-    entry_fields = signed.release_entry_fields(
+    parts = layout.release_parts(
         federation=federation,
         version=version,
         run_id=run_id,
-        plan_hash=plan.plan_hash,
-        architecture=plan.architecture,
-        architecture_version=plan.architecture_version,
-        model=run.model_digest,
-        weights_sha256=hashlib.sha256(weights).hexdigest(),
-        model_card_sha256=hashlib.sha256(card).hexdigest(),
-        model_card_html_sha256=hashlib.sha256(page).hexdigest(),
+        plan=plan,
+        arrays=decode_tensors(fed.blobs.get(run.model_digest)),
+        model_digest=run.model_digest,
+        card=model_card(fed, run, plan, charter, version, now),
     )
+    weights, card, page, entry_fields = parts.weights, parts.card, parts.page, parts.entry
     key = fed.signing_key()
     blob = fed.blobs.put(weights)
     with fed.store.transaction():

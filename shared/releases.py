@@ -59,10 +59,12 @@ __all__ = [
     "CARD_FORMAT",
     "FORMAT",
     "RESEARCH_USE",
+    "ReleaseParts",
     "VerifiedRelease",
     "check_version",
     "json_bytes",
     "pack_release",
+    "release_parts",
     "render_model_card_html",
     "unpack_release",
     "verify_release",
@@ -115,6 +117,58 @@ def _sha256(data: bytes) -> str:
 PACK_MAGIC = b"TESSERA-RELEASE-PACK/1\n"
 FILE_NAMES = (MANIFEST, WEIGHTS, CARD_JSON, CARD_HTML, PLAN, CHARTER, PROVENANCE)
 _MAX_INDEX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseParts:
+    """The signed files of a release and the provenance-log entry that names them."""
+
+    weights: bytes
+    card: bytes
+    page: bytes
+    entry: dict[str, Any]
+
+
+def release_parts(
+    *,
+    federation: str,
+    version: str,
+    run_id: str,
+    plan: TrainingPlan,
+    arrays: Mapping[str, Any],
+    model_digest: str,
+    card: Mapping[str, Any],
+) -> ReleaseParts:
+    """The weights (with their identity in the safetensors metadata, which
+    :func:`verify_release` checks), the model card as JSON and as its page, and the
+    ``release_published`` entry over their hashes: one recipe for every maker of releases."""
+    weights = encode_tensors(
+        arrays,
+        {
+            "format": FORMAT,
+            "federation": federation,
+            "release_version": version,
+            "run_id": run_id,
+            "plan_hash": plan.plan_hash,
+            "architecture": f"{plan.architecture}/{plan.architecture_version}",
+            "weights_sha256": model_digest,
+        },
+    )
+    card_bytes = json_bytes(card)
+    page = render_model_card_html(card).encode("utf-8")
+    entry = signed.release_entry_fields(
+        federation=federation,
+        version=version,
+        run_id=run_id,
+        plan_hash=plan.plan_hash,
+        architecture=plan.architecture,
+        architecture_version=plan.architecture_version,
+        model=model_digest,
+        weights_sha256=_sha256(weights),
+        model_card_sha256=_sha256(card_bytes),
+        model_card_html_sha256=_sha256(page),
+    )
+    return ReleaseParts(weights, card_bytes, page, entry)
 
 
 def pack_release(files: Mapping[str, bytes]) -> bytes:

@@ -127,38 +127,18 @@ def write_demo_release(
         params=plan.architecture_params,
         seed=plan.seed,
     )
-    raw = encode_tensors(model_arrays(model))
-    model_digest = tensor_digest(raw)
-    weights = encode_tensors(
-        model_arrays(model),
-        {
-            "format": layout.FORMAT,
-            "federation": federation,
-            "release_version": version,
-            "run_id": run_id,
-            "plan_hash": plan.plan_hash,
-            "architecture": f"{plan.architecture}/{plan.architecture_version}",
-            "weights_sha256": model_digest,
-        },
-    )
+    arrays = model_arrays(model)
     charter_bytes = charter.encode("utf-8")
-    card_dict: dict[str, Any] = _card(
-        federation, version, run_id, plan, hashlib.sha256(charter_bytes).hexdigest()
-    )
-    card = layout.json_bytes(card_dict)
-    page = layout.render_model_card_html(card_dict).encode("utf-8")
-    entry_fields = signed.release_entry_fields(
+    parts = layout.release_parts(
         federation=federation,
         version=version,
         run_id=run_id,
-        plan_hash=plan.plan_hash,
-        architecture=plan.architecture,
-        architecture_version=plan.architecture_version,
-        model=model_digest,
-        weights_sha256=hashlib.sha256(weights).hexdigest(),
-        model_card_sha256=hashlib.sha256(card).hexdigest(),
-        model_card_html_sha256=hashlib.sha256(page).hexdigest(),
+        plan=plan,
+        arrays=arrays,
+        model_digest=tensor_digest(encode_tensors(arrays)),
+        card=_card(federation, version, run_id, plan, hashlib.sha256(charter_bytes).hexdigest()),
     )
+    weights, card, page, entry_fields = parts.weights, parts.card, parts.page, parts.entry
     log = ProvenanceLog()
     now = time.time()
     entry = log.append(layout.ENTRY_KIND, entry_fields, now)
