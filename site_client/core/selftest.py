@@ -383,7 +383,10 @@ def check_secure_connection(ctx: SelfTestContext) -> str:
         for message in conn:
             conn.send(message)
 
-    with serve(echo, "127.0.0.1", 0, ssl=server_ssl_context(cert, key)) as server:
+    # The server's own handshake deadline must match the client's: websockets' default of 10 s
+    # failed this check once on a loaded CI machine while the client was still willing to wait.
+    tls = server_ssl_context(cert, key)
+    with serve(echo, "127.0.0.1", 0, ssl=tls, open_timeout=TIMEOUT_S) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         try:
