@@ -155,6 +155,7 @@ class Upload:
     offer: UpdateOffer
     path: Path
     fh: Any
+    sha256: Any  # hashlib's running digest of what is on disk (the session checks it)
 
 
 @dataclass
@@ -813,9 +814,14 @@ class CoordinatorServer:
         elif isinstance(event, ChunkReceived):
             upload = conn.uploads.get(event.transfer_id)
             if upload is not None:
-                # In a thread: the loop serves the other sites meanwhile. Acknowledged after.
-                await asyncio.to_thread(_write_chunk, upload.fh, event.data)
-                conn.session.ack(event.transfer_id)
+                # Hashed and written in a thread: the loop serves the other sites meanwhile.
+                # Acknowledged after; the digest of the last chunk's ack completes the upload.
+                await asyncio.to_thread(_store_chunk, upload, event.data)
+                digest = upload.sha256.hexdigest() if event.complete else None
+                conn.session.ack(event.transfer_id, sha256=digest)
+                if event.complete:  # TransferComplete, or TransferFailed on a bad digest
+                    for after in conn.session.events_received():
+                        await self._on_event(conn, after)
             else:
                 self.secagg.on_chunk(conn, event)  # a masked update, summed when complete
         elif isinstance(event, TransferComplete):
@@ -1217,7 +1223,7 @@ class CoordinatorServer:
         path = self.fed.blobs.partial_path(f"{site_id}-{offer.transfer_id}.part")
         have = path.read_bytes() if path.exists() else b""
         try:
-            next_index = conn.session.expect_transfer(offer, have)
+            next_index = conn.session.expect_transfer(offer, have, owner_hashes=True)
         except TesseraError:
             self._release_upload(site_id, offer.transfer_id)
             return
@@ -1225,7 +1231,8 @@ class CoordinatorServer:
         fh = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (held across events)
         fh.truncate(keep)
         fh.seek(keep)
-        conn.uploads[offer.transfer_id] = Upload(msg, path, fh)
+        sha256 = hashlib.sha256(memoryview(have)[:keep])
+        conn.uploads[offer.transfer_id] = Upload(msg, path, fh, sha256)
 
     def _release_upload(self, site_id: str, transfer_id: str) -> None:
         """Give an upload's slot back and start the queued offers it makes room for (those
@@ -1366,7 +1373,9 @@ def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _write_chunk(fh: Any, data: bytes) -> None:
+def _store_chunk(upload: Upload, data: bytes) -> None:
+    upload.sha256.update(data)
+    fh = upload.fh
     fh.write(data)
     fh.flush()
     # The disk gets the update as it arrives, so the fsync before its acknowledgement waits

@@ -80,7 +80,8 @@ class MessageReceived:
 
 @dataclass(frozen=True, slots=True)
 class ChunkReceived:
-    """A checked chunk: store ``data`` durably, then call ``ack(transfer_id)``."""
+    """A checked chunk: store ``data`` durably, then call ``ack(transfer_id)`` (with the
+    payload's digest after the last chunk of a transfer the owner hashes)."""
 
     transfer_id: str
     index: int
@@ -175,8 +176,15 @@ class _Session:
 
     # -- transfers -----------------------------------------------------------------------
 
-    def expect_transfer(self, offer: TransferOffer, have: bytes | memoryview = b"") -> int:
-        """Start (or resume) receiving ``offer``; sends TransferAccept. Returns next index."""
+    def expect_transfer(
+        self, offer: TransferOffer, have: bytes | memoryview = b"", *, owner_hashes: bool = False
+    ) -> int:
+        """Start (or resume) receiving ``offer``; sends TransferAccept. Returns next index.
+
+        ``owner_hashes``: the owner hashes the payload as it stores each chunk (off the event
+        loop: a large payload's SHA-256 would otherwise hold the loop a millisecond a
+        megabyte) and passes the digest with the last ``ack``; the transfer completes (or
+        fails) there. Otherwise the session hashes and completes on the last chunk."""
         try:
             if offer.chunk_size > self.limits.max_payload_bytes:
                 # Every chunk would be refused by the codec as too large.
@@ -185,7 +193,9 @@ class _Session:
                     f"{self.limits.max_payload_bytes} bytes",
                     code="protocol.too_large",
                 )
-            receiver = TransferReceiver(offer, max_size=self.max_transfer, have=have)
+            receiver = TransferReceiver(
+                offer, max_size=self.max_transfer, have=have, owner_hashes=owner_hashes
+            )
         except TransferError as exc:
             self.send(ErrorMessage(code=exc.code, message=exc.message, ref="transfer_accept"))
             raise
@@ -195,13 +205,19 @@ class _Session:
             self._finish_transfer(receiver)
         return receiver.next_index
 
-    def ack(self, transfer_id: str) -> None:
-        """The owner has stored every chunk received so far for this transfer."""
+    def ack(self, transfer_id: str, *, sha256: str | None = None) -> None:
+        """The owner has stored every chunk received so far for this transfer. ``sha256``:
+        with the last chunk of a transfer the owner hashes, its digest of the payload; the
+        transfer's ``TransferComplete`` or ``TransferFailed`` is among the next events."""
         receiver = self._inbound.get(transfer_id)
-        if receiver is not None:
-            self.send(ChunkAck(transfer_id=transfer_id, next_index=receiver.next_index))
-        if receiver is not None and receiver.complete:
+        if receiver is None:
+            return
+        if receiver.complete:
             del self._inbound[transfer_id]
+            # A payload that fails its digest is not acknowledged (as when the session hashes).
+            if receiver.owner_hashes and not self._finish_transfer(receiver, sha256):
+                return
+        self.send(ChunkAck(transfer_id=transfer_id, next_index=receiver.next_index))
 
     def abandon_transfer(self, transfer_id: str) -> None:
         self._inbound.pop(transfer_id, None)
@@ -243,18 +259,19 @@ class _Session:
         self._events.append(
             ChunkReceived(chunk.transfer_id, chunk.index, chunk.payload, receiver.complete)
         )
-        if receiver.complete:
+        if receiver.complete and not receiver.owner_hashes:
             self._finish_transfer(receiver)
 
-    def _finish_transfer(self, receiver: TransferReceiver) -> None:
+    def _finish_transfer(self, receiver: TransferReceiver, sha256: str | None = None) -> bool:
         try:
-            receiver.verify()
+            receiver.verify(sha256)
         except TransferError as exc:
             self._inbound.pop(receiver.offer.transfer_id, None)
             self._violation(exc.code, exc.message, "chunk")
             self._events.append(TransferFailed(receiver.offer.transfer_id, exc.code, exc.message))
-            return
+            return False
         self._events.append(TransferComplete(receiver.offer))
+        return True
 
     def _violation(self, code: str, reason: str, ref: str | None) -> None:
         reason = reason[:2000]  # ErrorMessage's bound: a reason may quote the peer's input

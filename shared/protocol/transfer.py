@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterator
 from typing import cast
 
-from shared.errors import TransferError
+from shared.errors import LocalProtocolError, TransferError
 from shared.protocol.codec import encode
 from shared.protocol.messages import Chunk, TransferOffer
 
@@ -66,9 +66,20 @@ def chunk_frames(offer: TransferOffer, data: bytes | memoryview, start: int = 0)
 
 
 class TransferReceiver:
-    """Checks the chunks of one inbound transfer; the caller keeps the bytes."""
+    """Checks the chunks of one inbound transfer; the caller keeps the bytes.
 
-    def __init__(self, offer: TransferOffer, *, max_size: int, have: bytes | memoryview = b""):
+    ``owner_hashes``: the owner hashes the payload where it stores it (off the event loop,
+    in the thread that writes each chunk) and passes the digest to ``verify``; the receiver
+    still checks every chunk's order and size, and the digest against the offer."""
+
+    def __init__(
+        self,
+        offer: TransferOffer,
+        *,
+        max_size: int,
+        have: bytes | memoryview = b"",
+        owner_hashes: bool = False,
+    ):
         if offer.size > max_size:
             raise TransferError(
                 f"offered payload of {offer.size} bytes exceeds the limit of {max_size}",
@@ -80,7 +91,9 @@ class TransferReceiver:
             self.next_index = offer.total_chunks
         else:
             self.next_index = held // offer.chunk_size
-        self._hash = hashlib.sha256(memoryview(have)[: self.received_bytes])
+        self.owner_hashes = owner_hashes and not self.complete  # a whole ``have`` is ours
+        prefix = memoryview(have)[: self.received_bytes]
+        self._hash = None if self.owner_hashes else hashlib.sha256(prefix)
 
     @property
     def received_bytes(self) -> int:
@@ -110,14 +123,18 @@ class TransferReceiver:
                 f"chunk {chunk.index} has {len(chunk.payload)} bytes, expected {expected}",
                 code="protocol.transfer_size",
             )
-        self._hash.update(chunk.payload)
+        if self._hash is not None:
+            self._hash.update(chunk.payload)
         self.next_index += 1
 
-    def verify(self) -> str:
-        """Check the whole payload's SHA-256 once complete; returns it."""
+    def verify(self, sha256: str | None = None) -> str:
+        """Check the whole payload's SHA-256 once complete; returns it. ``sha256``: the
+        owner's digest of the payload, required when it hashes (``owner_hashes``)."""
         if not self.complete:
             raise TransferError("transfer is incomplete", code="protocol.transfer_size")
-        digest = self._hash.hexdigest()
+        if self._hash is None and sha256 is None:
+            raise LocalProtocolError("the owner hashes this transfer: pass its digest")
+        digest = self._hash.hexdigest() if self._hash is not None else sha256
         if digest != self.offer.sha256:
             raise TransferError(
                 "payload SHA-256 does not match its offer; it was corrupted in transit",

@@ -85,6 +85,7 @@ from shared.provenance.errors import ProvenanceError
 from site_client.core import local_state
 from site_client.core import releases as site_releases
 from site_client.core.config import SiteDir
+from site_client.core.downloads import Download, open_download
 from site_client.core.governance import SiteGovernance
 from site_client.core.governance_link import (
     GovernanceLink,
@@ -223,13 +224,12 @@ class Participant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ws: ClientConnection | None = None
         self._session: SiteSession | None = None
-        self._downloads: dict[
-            str, tuple[RoundInvite | RunFinished | site_releases.ReleaseDownload, Any]
-        ] = {}
+        self._downloads: dict[str, Download] = {}
         self._uploads: dict[str, tuple[Any, bytes | memoryview]] = {}  # UpdateOffer or masked
         self._round_models: list[Path] = []  # downloaded by this session, oldest first
         self._training: asyncio.Task[None] | None = None
         self._validating: asyncio.Future[None] | None = None
+        self._to_validate: tuple[str, int, dict[str, Any], Path] | None = None
         self._training_key: tuple[str, int] | None = None
         self._finished: RunFinished | None = None
         self.secagg = SecAggRounds(self)  # securely aggregated rounds (secagg_participant)
@@ -313,16 +313,18 @@ class Participant:
             try:
                 async for frame in ws:
                     self._session.receive_frame(frame)
-                    for event in self._session.events_received():
-                        await self._on_event(event)
+                    # Until none is left: handling an event may complete a transfer.
+                    while events := self._session.events_received():
+                        for event in events:
+                            await self._on_event(event)
                     await self._flush()
                     if self._session.closed:
                         break
             finally:
                 timer.cancel()
                 self._ws = None
-                for _, fh in self._downloads.values():
-                    fh.close()
+                for download in self._downloads.values():
+                    download.fh.close()
         if self._finished is not None and self.exit_when_done:
             raise RunOver
         if late:
@@ -354,14 +356,13 @@ class Participant:
         elif isinstance(event, ChunkReceived):
             entry = self._downloads.get(event.transfer_id)
             if entry is not None:
-                entry[1].write(event.data)
-                entry[1].flush()
-                session.ack(event.transfer_id)
+                await asyncio.to_thread(entry.store, event.data)
+                session.ack(event.transfer_id, sha256=entry.digest_if(event.complete))
         elif isinstance(event, TransferComplete):
             entry = self._downloads.pop(event.offer.transfer_id, None)
             if entry is not None:
-                target, fh = entry
-                fh.close()
+                target = entry.target
+                entry.fh.close()
                 if isinstance(target, site_releases.ReleaseDownload):
                     self._release_arrived(target)
                     return
@@ -373,8 +374,8 @@ class Participant:
         elif isinstance(event, TransferFailed):
             entry = self._downloads.pop(event.transfer_id, None)
             if entry is not None:
-                entry[1].close()
-                target = entry[0]
+                entry.fh.close()
+                target = entry.target
                 if isinstance(target, site_releases.ReleaseDownload):
                     target.part.unlink(missing_ok=True)
                 else:
@@ -464,6 +465,7 @@ class Participant:
             # One the coordinator could not store (its disk) is kept and offered again.
             for path in self.dir.outbox.glob("*.json"):
                 path.unlink(missing_ok=True)
+            self._start_validation()
         if msg.fatal and msg.code in FATAL_CODES:
             raise ConnectionFailed(msg.message, code=msg.code)
 
@@ -530,21 +532,12 @@ class Participant:
         if final.is_file():
             self._model_arrived(msg)
             return
-        part = self._model_part(msg)
-        have = part.read_bytes() if part.exists() else b""
         try:
-            next_index = self._session.expect_transfer(offer, have)
+            download = open_download(self._session, msg, offer, self._model_part(msg))
         except TesseraError as exc:
             self._decline(msg, exc.code, str(exc))
             return
-        keep = min(len(have), next_index * offer.chunk_size)
-        fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
-        fh.truncate(keep)
-        fh.seek(keep)
-        if next_index < offer.total_chunks:
-            self._downloads[offer.transfer_id] = (msg, fh)
-        else:
-            fh.close()
+        self._downloads[offer.transfer_id] = download
 
     def _model_path(self, msg: RoundInvite | RunFinished) -> Path:
         offer = msg.model_offer
@@ -601,6 +594,7 @@ class Participant:
         self._training = asyncio.ensure_future(self._train(msg))
 
     async def _train(self, msg: RoundInvite) -> None:
+        self._start_validation()  # its upload was never acknowledged: validate before training
         if self._validating is not None and not self._validating.done():
             await asyncio.shield(self._validating)  # the worker does one job at a time
         self.on_status(f"round {msg.round}: training on local data")
@@ -711,10 +705,15 @@ class Participant:
         self._offer_update(pending, data)
         await self._flush()
         if msg.round >= 2:  # the model this round started from is round (r - 1)'s result
-            # Off the round's path: the next round's training waits for it (one worker).
-            self._validating = asyncio.ensure_future(
-                self._validate(msg.run_id, msg.round - 1, msg.plan, self._model_path(msg))
-            )
+            # Off the round's path: validated once the update is delivered, so the upload
+            # has this site's processor to itself; the next training waits for it.
+            self._to_validate = (msg.run_id, msg.round - 1, msg.plan, self._model_path(msg))
+
+    def _start_validation(self) -> None:
+        """Start the validation the last round left for after its upload (if any)."""
+        job, self._to_validate = self._to_validate, None
+        if job is not None:
+            self._validating = asyncio.ensure_future(self._validate(*job))
 
     def _data_job(self) -> dict[str, str]:
         if self.data.from_index:
@@ -755,6 +754,7 @@ class Participant:
         (self.dir.outbox / f"{msg.sha256}.safetensors").unlink(missing_ok=True)
         self._uploads.pop("u-" + msg.sha256, None)
         self.rounds_done.append((msg.run_id, msg.round))
+        self._start_validation()
         timer = self._clocks.pop((msg.run_id, msg.round), None)
         if timer is not None:
             now = self.clock()
@@ -879,17 +879,12 @@ class Participant:
         if self._model_path(msg).is_file():
             self._final_arrived(msg)
             return True
-        part = self._model_part(msg)
-        have = part.read_bytes() if part.exists() else b""
         try:
-            next_index = session.expect_transfer(offer, have)
+            download = open_download(session, msg, offer, self._model_part(msg))
         except TesseraError as exc:
             self.on_status(f"cannot fetch the final model: {exc}")
             return False
-        fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
-        fh.truncate(min(len(have), next_index * offer.chunk_size))
-        fh.seek(0, 2)
-        self._downloads[offer.transfer_id] = (msg, fh)
+        self._downloads[offer.transfer_id] = download
         return True
 
     def _final_arrived(self, msg: RunFinished) -> None:
@@ -902,6 +897,7 @@ class Participant:
 
     async def _validate_final(self, msg: RunFinished, plan: dict[str, Any], path: Path) -> None:
         try:
+            self._start_validation()
             if self._validating is not None and not self._validating.done():
                 await self._validating
             await self._validate(msg.run_id, msg.rounds, plan, path)
@@ -925,22 +921,14 @@ class Participant:
             root = site_releases.releases_dir(self.dir)
             root.mkdir(parents=True, exist_ok=True)
             part = root / f"{version}.{offer.sha256[:16]}.part"
-            have = part.read_bytes() if part.exists() else b""
+            release = site_releases.ReleaseDownload(version, run_id, offer, part)
             try:
-                next_index = session.expect_transfer(offer, have)
+                download = open_download(session, release, offer, part)
             except TesseraError as exc:
                 self.on_status(f"cannot fetch release {version}: {exc}")
                 continue
             self.on_status(f"receiving release {version} of run {run_id}")
-            download = site_releases.ReleaseDownload(version, run_id, offer, part)
-            fh = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (held across events)
-            fh.truncate(min(len(have), next_index * offer.chunk_size))
-            fh.seek(0, 2)
-            if next_index < offer.total_chunks:
-                self._downloads[offer.transfer_id] = (download, fh)
-            else:
-                fh.close()
-                self._release_arrived(download)
+            self._downloads[offer.transfer_id] = download
 
     def _release_arrived(self, download: site_releases.ReleaseDownload) -> None:
         data = download.part.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from typing import TypeVar
@@ -449,6 +450,82 @@ def test_chunk_out_of_order_fails_the_transfer() -> None:
         "protocol.transfer_index",
         "protocol.transfer_index",
     ]
+
+
+def owner_hashing(site: SiteSession, frames: list[bytes], store: bytearray) -> list[Event]:
+    """An adapter that hashes what it stores (``owner_hashes``) and acks the last chunk with
+    its digest of the payload, draining the events that ack produces."""
+    seen: list[Event] = []
+    for frame in frames:
+        site.receive_frame(frame)
+        while events := site.events_received():
+            for event in events:
+                seen.append(event)
+                if isinstance(event, ChunkReceived):
+                    store += event.data
+                    digest = hashlib.sha256(store).hexdigest() if event.complete else None
+                    site.ack(event.transfer_id, sha256=digest)
+    return seen
+
+
+def test_owner_hashed_download_completes_with_the_last_ack() -> None:
+    coordinator, site = connect()
+    _, offer = invite(MODEL)
+    site.expect_transfer(offer, owner_hashes=True)
+    deliver(site, coordinator)
+    coordinator.send_transfer(offer, MODEL, 0)
+    store = bytearray()
+    events = owner_hashing(site, coordinator.data_to_send(), store)
+    chunks = [e for e in events if isinstance(e, ChunkReceived)]
+    assert [c.index for c in chunks] == list(range(11))
+    # Nothing completes on the last chunk itself: only once the owner gave its digest.
+    assert events.index(TransferComplete(offer)) == len(events) - 1
+    assert bytes(store) == MODEL and site._inbound == {}
+    acks = messages(deliver(site, coordinator))
+    assert acks == [ChunkAck(transfer_id="model-r1", next_index=i) for i in range(1, 12)]
+
+
+def test_owner_hashed_download_resumes_and_rejects_a_wrong_digest() -> None:
+    coordinator, site = connect()
+    _, offer = invite(MODEL)
+    held = MODEL[: 4 * CHUNK + 10]  # four whole chunks and a torn fifth
+    assert site.expect_transfer(offer, have=held, owner_hashes=True) == 4
+    deliver(site, coordinator)
+    coordinator.send_transfer(offer, MODEL, 4)
+    frames = coordinator.data_to_send()
+    bad = bytearray(frames[-1])
+    bad[-1] ^= 0xFF  # the owner stores (and hashes) a corrupted last chunk
+    store = bytearray(MODEL[: 4 * CHUNK])
+    events = owner_hashing(site, [*frames[:-1], bytes(bad)], store)
+    failed = [e for e in events if isinstance(e, TransferFailed)]
+    assert [f.code for f in failed] == ["protocol.hash_mismatch"]
+    assert not any(isinstance(e, TransferComplete) for e in events)
+    answers = deliver(site, coordinator)
+    assert [e.code for e in errors(answers)] == ["protocol.hash_mismatch"]
+    # The corrupted payload's last chunk is never acknowledged as stored.
+    acks = [m for m in messages(answers) if isinstance(m, ChunkAck)]
+    assert [a.next_index for a in acks] == list(range(5, 11))
+
+
+def test_owner_hashed_transfer_needs_the_digest_with_its_last_ack() -> None:
+    coordinator, site = connect()
+    _, offer = invite(MODEL[:CHUNK])
+    site.expect_transfer(offer, owner_hashes=True)
+    deliver(site, coordinator)
+    coordinator.send_transfer(offer, MODEL[:CHUNK], 0)
+    (frame,) = coordinator.data_to_send()
+    site.receive_frame(frame)
+    (chunk,) = site.events_received()
+    assert isinstance(chunk, ChunkReceived) and chunk.complete
+    with pytest.raises(LocalProtocolError, match="pass its digest"):
+        site.ack(chunk.transfer_id)
+
+
+def test_owner_hashed_resume_with_everything_held_completes_at_once() -> None:
+    _, site = connect()
+    _, offer = invite(MODEL)
+    assert site.expect_transfer(offer, have=MODEL, owner_hashes=True) == 11
+    assert site.events_received() == [TransferComplete(offer)]
 
 
 def test_chunk_for_no_transfer() -> None:
