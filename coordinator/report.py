@@ -183,6 +183,58 @@ def _scanner_shift(assessed: Sequence[dict[str, Any]], names: dict[str, str]) ->
     return intro + table + (f"<p class='warn'>{_e(warning)}</p>" if warning else "")
 
 
+def _secure_aggregation(entries: Sequence[LogEntry], run_id: str, names: dict[str, str]) -> str:
+    """Under secure aggregation, what each round's sum was made of: the masked updates the
+    coordinator received (each signed by its site: the log holds the signatures), the sites
+    whose masks cancelled in the sum, and those that dropped out after sharing their keys and
+    were recovered from the others' shares. Empty for a run without it."""
+    computed = _of_run(entries, run_id, "secure_aggregate_computed")
+    if not computed:
+        return ""
+    received: dict[int, int] = {}
+    for p in _of_run(entries, run_id, "masked_update_received"):
+        received[p["round"]] = received.get(p["round"], 0) + 1
+    refused = _of_run(entries, run_id, "secagg_message_rejected")
+
+    def who(sites: Sequence[str]) -> str:
+        return ", ".join(names.get(s, s) or s for s in sites) or "none"
+
+    rows = [
+        [
+            p["round"],
+            received.get(p["round"], 0),
+            who(p.get("survivors", [])),
+            who(p.get("dropped", [])),
+            str(p.get("model", "-"))[:16],
+        ]
+        for p in computed
+    ]
+    text = (
+        "<h2>Secure aggregation</h2><p>Each site masked its update before it left the site "
+        "(Bonawitz et al., 2017); the coordinator only ever held masked updates and their sum, "
+        "in which the masks cancel. A site that dropped out after sharing its keys was "
+        "recovered from the other sites' shares of its mask, without its update.</p>"
+        + _table(
+            [
+                "Round",
+                "Masked updates received",
+                "Sites in the sum",
+                "Dropped after sharing (recovered)",
+                "Model",
+            ],
+            rows,
+            {0, 1},
+        )
+    )
+    if refused:
+        codes = sorted({p.get("code", "") for p in refused})
+        text += (
+            f"<p class='warn'>{len(refused)} secure-aggregation message(s) were refused and not "
+            f"used (forged, replayed or malformed: {_e(', '.join(codes))}).</p>"
+        )
+    return text
+
+
 def _privacy(plan_dict: dict[str, Any]) -> str:
     lines = [
         "Images and patient identifiers never left any site: only model updates (weights) "
@@ -376,6 +428,7 @@ def render_report(bundle: Bundle, charter_texts: dict[int, str]) -> str:
         _scanner_shift(_of_run(entries, run_id, "scanner_shift_assessed"), names),
         "<h2>Privacy protections</h2>",
         _privacy(plan_dict),
+        _secure_aggregation(entries, run_id, names),
         "<h2>Participation and contributions</h2>",
         _table(
             [

@@ -13,6 +13,7 @@ unmasked update is in anything a site sent or the coordinator wrote
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from shared.crypto.signing import verify
 from shared.governance.contributions import contributions
 from shared.plan import demo_plan
 from shared.protocol.codec import decode
-from shared.provenance.bundle import verify_bundle
+from shared.provenance.bundle import REPORT, verify_bundle
 from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors
 from site_client.core.config import SiteDir
@@ -159,6 +160,14 @@ def _unmasked_windows(updates: list[dict[str, np.ndarray]]) -> set[bytes]:
     return windows
 
 
+def _report_section(bundle: Path, title: str) -> str:
+    """The report's section whose heading starts with ``title``, up to the next heading."""
+    page = (bundle / REPORT).read_text("utf-8")
+    start = page.index(f"<h2>{title}")
+    end = page.find("<h2>", start + 4)
+    return page[start : end if end > 0 else None]
+
+
 def _coordinator_files(fed: Federation) -> list[bytes]:
     return [p.read_bytes() for p in sorted(fed.paths.root.rglob("*")) if p.is_file()]
 
@@ -191,8 +200,15 @@ async def test_secure_rounds_equal_the_mean_of_the_sites_updates_and_none_leaks(
         assert [e["detail"]["round"] for e in computed] == [1, 2]
         assert all(len(e["detail"]["inputs"]) == 3 for e in computed)
         # An auditor's offline check of the exported bundle counts every masked update.
-        checked = verify_bundle(export_run(fed, run_id, tmp_path / "bundle").out)
+        bundle = export_run(fed, run_id, tmp_path / "bundle").out
+        checked = verify_bundle(bundle)
         assert checked.updates == 6 and checked.sites == 3
+        # The board's report says what each sum was made of, and what was refused.
+        section = _report_section(bundle, "Secure aggregation")
+        assert section.count('<tr><td class="num">') == 2  # rounds 1 and 2
+        assert "<td>none</td>" in section  # nobody dropped
+        assert "2 secure-aggregation message(s) were refused" in section
+        assert "privacy.secagg.forged, privacy.secagg.replayed" in section
         # The contribution ledger credits each site (releases go to the sites that took part).
         ledger = contributions(fed.store.ledger.log().entries, run_id)
         assert [c.rounds_contributed for c in ledger] == [{1, 2}] * 3
@@ -225,5 +241,11 @@ async def test_a_site_killed_after_sharing_its_keys_is_recovered_from_the_surviv
         assert len(computed["detail"]["survivors"]) == 2 and len(computed["detail"]["dropped"]) == 1
         survivors = [_site_update(s, run_id, 1) for s in (sites[0], sites[2])]
         _check_round(fed, run_id, 1, survivors)
+        # The report names the site recovered from the others' shares.
+        section = _report_section(export_run(fed, run_id, tmp_path / "bundle").out, "Secure")
+        (row,) = re.findall(r"<tr><td class=\"num\">1</td>.*?</tr>", section)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        victim_name = fed.store.site(computed["detail"]["dropped"][0]).name
+        assert cells[1] == "2" and cells[3] == victim_name
     finally:
         fed.close()
