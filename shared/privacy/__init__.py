@@ -9,7 +9,8 @@
   ``SecAggSite`` and ``SecAggServer``.
 - ``client_dp`` and ``dp_sgd``: client-level DP of a site's update, and example-level DP-SGD
   settings and accounting (training itself is in ``shared.training``).
-- ``homomorphic``: CKKS aggregation building blocks (TenSEAL), imported on demand.
+- ``homomorphic``: CKKS aggregation building blocks (TenSEAL), imported on demand;
+  ``he_rounds``: how a homomorphically encrypted round uses them at both ends.
 """
 
 from shared.privacy.accountant import (

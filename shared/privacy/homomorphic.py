@@ -169,7 +169,9 @@ def generate_context(params: CKKSParams | None = None) -> bytes:
     )
 
 
-def _load_context(data: bytes, *, secret: bool) -> Any:
+def load_context(data: bytes, *, secret: bool) -> Any:
+    """A TenSEAL context from bytes, with (``secret``) or without its secret key: either
+    way is enforced, so a secret context never passes for the coordinator's."""
     ts = _tenseal()
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _error("malformed", f"A CKKS context must be bytes, not {type(data).__name__}.")
@@ -197,7 +199,7 @@ def _load_context(data: bytes, *, secret: bool) -> Any:
 def public_context(secret_context: bytes) -> bytes:
     """The parameters alone, for the coordinator: no secret key (and no public key, which it
     does not need to add ciphertexts), so it can neither decrypt nor encrypt."""
-    context = _load_context(secret_context, secret=True)
+    context = load_context(secret_context, secret=True)
     return bytes(
         context.serialize(
             save_public_key=False,
@@ -247,7 +249,7 @@ def seal_secret_context(
     """The secret context encrypted to ``recipient`` by the key site ``sender`` for ``run_id``:
     ``magic || ephemeral public key || nonce || AES-256-GCM ciphertext``. Only the recipient
     can open it, and only with the sender's public key and the same run id."""
-    _load_context(secret_context, secret=True)  # never seal something that is not a key
+    load_context(secret_context, secret=True)  # never seal something that is not a key
     aad = _aad(run_id)
     ephemeral = X25519PrivateKey.generate()
     eph_pub = _raw(ephemeral.public_key())
@@ -303,7 +305,7 @@ def open_secret_context(
             "it was altered, or made for another site, run or sender. It was not used; ask "
             "the key site to send it again.",
         ) from exc
-    _load_context(secret_context, secret=True)
+    load_context(secret_context, secret=True)
     return secret_context
 
 
@@ -348,7 +350,7 @@ def encrypt_update(secret_context: bytes, update: np.ndarray) -> EncryptedUpdate
     """Encrypt a flat float32 (or float64) update under the federation's key, packed over as
     many ciphertexts as it needs. Non-finite values are refused: CKKS would encrypt them as
     garbage that poisons the whole sum."""
-    context = _load_context(secret_context, secret=True)
+    context = load_context(secret_context, secret=True)
     ts = _tenseal()
     flat = np.asarray(update)
     if flat.ndim != 1 or flat.size == 0 or not np.issubdtype(flat.dtype, np.floating):
@@ -367,7 +369,8 @@ def encrypt_update(secret_context: bytes, update: np.ndarray) -> EncryptedUpdate
     return EncryptedUpdate(length=int(flat.size), slots=slots, chunks=chunks)
 
 
-def _load_vector(context: Any, data: bytes, who: str) -> Any:
+def load_vector(context: Any, data: bytes, who: str) -> Any:
+    """A CKKS ciphertext from a peer's bytes under ``context``; ``who`` names it in the error."""
     ts = _tenseal()
     try:
         return ts.ckks_vector_from(context, data)
@@ -390,7 +393,7 @@ def aggregate_encrypted(
     precision). Updates must agree in length and packing, else ``privacy.he.shape_mismatch``.
     The updates are added in the order given: CKKS sums are approximate, so callers that need
     the same bytes on replay pass them in a canonical order (by site id)."""
-    public = _load_context(context, secret=False)
+    public = load_context(context, secret=False)
     if not updates:
         raise _error("bad_parameter", "There are no encrypted updates to add.")
     first = updates[0]
@@ -413,7 +416,7 @@ def aggregate_encrypted(
     for k in range(len(first.chunks)):
         total = None
         for i, update in enumerate(updates):
-            vector = _load_vector(public, update.chunks[k], f"Encrypted update {i}")
+            vector = load_vector(public, update.chunks[k], f"Encrypted update {i}")
             if vector.size() != min(first.slots, first.length - k * first.slots):
                 raise _error(
                     "shape_mismatch",
@@ -438,12 +441,12 @@ def aggregate_encrypted(
 def decrypt_update(secret_context: bytes, update: EncryptedUpdate) -> np.ndarray:
     """The float32 vector an encrypted update (usually the aggregate) holds; needs the
     secret context, which only the sites have."""
-    context = _load_context(secret_context, secret=True)
+    context = load_context(secret_context, secret=True)
     out = np.empty(update.length, dtype=np.float32)
     for k, chunk in enumerate(update.chunks):
         start = k * update.slots
         stop = min(start + update.slots, update.length)
-        values = _load_vector(context, chunk, "The encrypted aggregate").decrypt()
+        values = load_vector(context, chunk, "The encrypted aggregate").decrypt()
         if len(values) != stop - start:
             raise _error(
                 "shape_mismatch",
