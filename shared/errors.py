@@ -32,6 +32,7 @@ Tree::
     │   │   ├── SecretSharingError        too few, duplicate or inconsistent Shamir shares
     │   │   └── SecAggMessageRejected     forged, replayed, unexpected or unsafe messages
     │   └── HomomorphicError              privacy.he.* (CKKS keys, ciphertexts, shapes)
+    │       └── HEKeyRejected             privacy.he.key_* (key distribution messages)
     ├── shared.provenance.errors.ProvenanceError  provenance.* (log rewritten, bad tree head)
     ├── ReleaseError                      release.* (a model release: version, altered or
     │                                     unsigned file, not in the provenance log)
@@ -222,6 +223,22 @@ class HomomorphicError(PrivacyError):
     """
 
     code = "privacy.he"
+
+
+class HEKeyRejected(HomomorphicError):
+    """A message of the CKKS key distribution that must not be used; the state machine that
+    refused it changed nothing (``coordinator.he_keys``, ``site_client.core.he_keys_site``).
+
+    Codes: ``privacy.he.key_forged`` (a signature that does not verify, or a message in
+    another site's name), ``privacy.he.key_replayed`` (a second copy, or bound to another run
+    or attempt), ``privacy.he.key_unexpected`` (not allowed in this state or from this
+    sender, or too late), ``privacy.he.key_mismatch`` (signed content that disagrees with what
+    was published: a site's identity key, the key site's exchange key, the public context or
+    its digest), ``privacy.he.key_unusable`` (an X25519 key no agreement can be made with) and
+    ``privacy.he.key_rejected`` (a sealed key that does not open, as in ``HomomorphicError``).
+    """
+
+    code = "privacy.he.key_rejected"
 
 
 # --- releases ---------------------------------------------------------------------------

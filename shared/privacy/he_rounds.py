@@ -46,6 +46,7 @@ import numpy as np
 
 from shared.errors import HomomorphicError
 from shared.privacy.homomorphic import (
+    BLOB_MAGIC,
     EncryptedUpdate,
     aggregate_encrypted,
     decode_encrypted,
@@ -62,6 +63,7 @@ __all__ = [
     "check_encrypted_upload",
     "decrypt_global",
     "encrypt_local_model",
+    "is_encrypted",
     "sample_weights",
     "uniform_weights",
 ]
@@ -132,7 +134,7 @@ def encrypt_local_model(
     order, encrypted fresh under the federation's key and framed. A local model, not an
     update, because the coordinator has one multiplication to spend (see the module's note).
     ``global_arrays`` may hold more entries than ``layout``; ``update`` may not."""
-    context = load_context(secret_context, secret=True)
+    load_context(secret_context, secret=True)  # a public context is refused before any work
     _model_length(layout)
     extra = set(update) - set(layout)
     if extra:
@@ -146,6 +148,15 @@ def encrypt_local_model(
         local[name] = _entry(global_arrays, name, shape, "global model") + _entry(
             update, name, shape, "update"
         )
+    return _encrypt_arrays(secret_context, local, layout)
+
+
+def _encrypt_arrays(
+    secret_context: bytes, local: Mapping[str, np.ndarray], layout: Layout
+) -> bytes:
+    """``local`` (checked against ``layout``) flattened, refused if not finite or beyond
+    what the parameters hold, encrypted fresh and framed."""
+    context = load_context(secret_context, secret=True)
     flat = flatten(local, layout)
     if not np.all(np.isfinite(flat)):
         raise _error(
@@ -160,6 +171,12 @@ def encrypt_local_model(
             f"these CKKS parameters hold at most {bound:.0f}. It was not sent.",
         )
     return encode_encrypted(encrypt_update(secret_context, flat))
+
+
+def is_encrypted(data: bytes | memoryview) -> bool:
+    """Whether ``data`` is an encrypted model (framed by ``encode_encrypted``) rather than
+    safetensors: an HE run's first model is plaintext, the later ones are not."""
+    return bytes(memoryview(data)[: len(BLOB_MAGIC)]) == BLOB_MAGIC
 
 
 def check_encrypted_upload(public_context: bytes, data: bytes, layout: Layout) -> EncryptedUpdate:

@@ -47,6 +47,7 @@ proof that the coordinator cannot read what it adds).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 _SEAL_MAGIC = b"TSHEKEY1"
-_BLOB_MAGIC = b"TSHECT01"
+BLOB_MAGIC = b"TSHECT01"
 _HKDF_INFO = b"tessera/he-secret-context/v1"
 _NONCE = 12
 _X25519 = 32
@@ -194,6 +195,13 @@ def load_context(data: bytes, *, secret: bool) -> Any:
             "public context (public_context()).",
         )
     return context
+
+
+def key_id(secret_context: bytes) -> str:
+    """Which key a secret context holds, as a digest that reveals nothing of it: public
+    contexts only carry the parameters, so two keys of the same parameters have the same
+    public context, and sites prove they hold the same key by this instead."""
+    return hashlib.sha256(b"tessera.he.key-id\x00" + bytes(secret_context)).hexdigest()
 
 
 def public_context(secret_context: bytes) -> bytes:
@@ -464,7 +472,7 @@ _HEADER = struct.Struct("<8sQII")  # magic, length, slots, chunk count
 def encode_encrypted(update: EncryptedUpdate) -> bytes:
     """``magic || length u64 || slots u32 || count u32 || (size u32 || ciphertext)*``,
     little-endian: TenSEAL's own serialisation of each ciphertext, framed; never pickle."""
-    parts = [_HEADER.pack(_BLOB_MAGIC, update.length, update.slots, len(update.chunks))]
+    parts = [_HEADER.pack(BLOB_MAGIC, update.length, update.slots, len(update.chunks))]
     for chunk in update.chunks:
         parts.append(struct.pack("<I", len(chunk)))
         parts.append(chunk)
@@ -479,7 +487,7 @@ def decode_encrypted(data: bytes, *, max_length: int | None = None) -> Encrypted
     if len(view) < _HEADER.size:
         raise _error("malformed", "The encrypted update is truncated; it was not used.")
     magic, length, slots, count = _HEADER.unpack_from(view, 0)
-    if magic != _BLOB_MAGIC:
+    if magic != BLOB_MAGIC:
         raise _error("malformed", "These bytes are not a Tessera encrypted update.")
     if max_length is not None and length > max_length:
         raise _error(

@@ -23,6 +23,9 @@ Connection flow (site S, coordinator C)::
     (a plan with secure_aggregation, instead of UpdateOffer: SecAggSetup after the invite,
     SecAggKeys and SecAggShares each way, MaskedUpdateOffer + chunks, UpdateAccepted once
     summed, then SecAggUnmask and SecAggUnmaskResponse; see docs/protocol.md)
+    (homomorphic encryption, once per run before round 1: C -> S HEKeyRequest, S -> C
+    HEPublicKey, C -> key site HEKeyDirectory, key site -> C -> S HESealedKey, S -> C
+    HEKeyAck; see coordinator/he_keys.py)
     C -> S  RunFinished(run, final model digest, final model offer)
     S -> C  ValidationReport(metrics of the final model on the site's held-out data)
 """
@@ -30,6 +33,7 @@ Connection flow (site S, coordinator C)::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import types
@@ -37,6 +41,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_type_hints
 
+from shared.crypto.keys import b64url_decode
 from shared.data_summary import check_summary
 from shared.errors import RemoteProtocolError, TesseraError
 
@@ -906,3 +911,209 @@ class SecAggUnmaskResponse(Message):
         from shared.privacy.secagg import UnmaskResponse
 
         return _secagg_message(UnmaskResponse, self.response, "secagg_unmask_response.response")
+
+
+# --- homomorphic-encryption key distribution --------------------------------------------
+# One CKKS key per run (``shared.privacy.homomorphic``), made by one site and sealed to each
+# other site; the coordinator relays what the sites sign and never holds the secret. Every
+# message names the run and the attempt, and signatures cover both, so nothing of one attempt
+# is of use in another. The state machines (``coordinator.he_keys``,
+# ``site_client.core.he_keys_site``) check signatures; these classes check shape and size.
+
+_HE_MAX_SITES = 256
+_HE_MAX_SIGNATURE = 128
+_HE_MAX_PUBLIC_CONTEXT = 4096  # base64 chars: a public context is ~100 bytes, a secret ~550 KB
+# A sealed secret context is ~550 KB at degree 8192 and ~3.4 MB at 32768: one frame's
+# payload (``shared.protocol.codec.Limits.max_payload_bytes``, which codec.py cannot share
+# with this module without a cycle).
+_HE_MAX_SEALED = 4 * 1024 * 1024
+
+
+def _he_envelope(run_id: str, attempt: str, name: str) -> None:
+    _ident(run_id, f"{name}.run_id")
+    _ident(attempt, f"{name}.attempt")
+
+
+def _he_signature(signature: str, name: str) -> None:
+    _check(0 < len(signature) <= _HE_MAX_SIGNATURE, f"{name}.signature has the wrong length")
+
+
+def _key32(value: Any, name: str) -> bytes:
+    """A 32-byte key (Ed25519 or X25519) in URL-safe base64 without padding."""
+    raw = b64url_decode(value) if isinstance(value, str) else None
+    _check(raw is not None and len(raw) == 32, f"{name} must be a 32-byte key in base64url")
+    assert raw is not None
+    return raw
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEKeyRequest(Message):
+    """Coordinator -> each of the run's sites: make an X25519 key for this attempt. Lists the
+    sites' Ed25519 identity keys (which sites check each other's signatures against) and the
+    site that makes the CKKS key; signed by the coordinator (purpose ``he.key_request``)."""
+
+    TYPE: ClassVar[str] = "he_key_request"
+    run_id: str
+    attempt: str
+    key_site: str
+    site_keys: dict[str, Any]  # site id -> Ed25519 public key (URL-safe base64)
+    signature: str
+
+    def __post_init__(self) -> None:
+        _he_envelope(self.run_id, self.attempt, "he_key_request")
+        _check(
+            2 <= len(self.site_keys) <= _HE_MAX_SITES,
+            f"he_key_request.site_keys must list 2-{_HE_MAX_SITES} sites",
+        )
+        for site, key in self.site_keys.items():
+            _ident(site, "he_key_request site id")
+            _key32(key, "he_key_request.site_keys key")
+        _check(self.key_site in self.site_keys, "he_key_request.key_site must be one of the sites")
+        _he_signature(self.signature, "he_key_request")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEPublicKey(Message):
+    """Site -> coordinator: its fresh X25519 key for this attempt (raw, URL-safe base64),
+    signed by the site (purpose ``he.public_key``). The coordinator hands the set to the key
+    site in an ``HEKeyDirectory``."""
+
+    TYPE: ClassVar[str] = "he_public_key"
+    run_id: str
+    attempt: str
+    site_id: str
+    public_key: str
+    signature: str
+
+    def __post_init__(self) -> None:
+        _he_envelope(self.run_id, self.attempt, "he_public_key")
+        _ident(self.site_id, "he_public_key.site_id")
+        _key32(self.public_key, "he_public_key.public_key")
+        _he_signature(self.signature, "he_public_key")
+
+    @property
+    def public_key_bytes(self) -> bytes:
+        return _key32(self.public_key, "he_public_key.public_key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEKeyDirectory(Message):
+    """Coordinator -> key site: the ``HEPublicKey`` bodies of the sites that answered, as the
+    sites signed them (the coordinator cannot alter one unseen), the key site's own included."""
+
+    TYPE: ClassVar[str] = "he_key_directory"
+    run_id: str
+    attempt: str
+    keys: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        _he_envelope(self.run_id, self.attempt, "he_key_directory")
+        _check(
+            0 < len(self.keys) <= _HE_MAX_SITES,
+            f"he_key_directory.keys must hold 1-{_HE_MAX_SITES} keys",
+        )
+        keys = self.public_keys()
+        _check(
+            len({k.site_id for k in keys}) == len(keys),
+            "he_key_directory.keys names a site twice",
+        )
+        _check(
+            all((k.run_id, k.attempt) == (self.run_id, self.attempt) for k in keys),
+            "he_key_directory.keys holds a key of another run or attempt",
+        )
+
+    def public_keys(self) -> tuple[HEPublicKey, ...]:
+        out = []
+        for entry in self.keys:
+            _check(isinstance(entry, dict), "he_key_directory.keys holds a malformed key")
+            out.append(typing.cast(HEPublicKey, HEPublicKey.from_body(entry, b"")))
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HESealedKey(Message):
+    """Key site -> coordinator -> ``recipient``, relayed unchanged: the secret CKKS context
+    sealed to the recipient (``payload``, the blob of ``seal_secret_context``), the key site's
+    X25519 key that opens it, and the public context (parameters only, base64url) that the
+    coordinator keeps, and the key's id (``homomorphic.key_id``), the same in every sealed
+    key of the attempt. Signed by the key site (purpose ``he.sealed_key``) over digests."""
+
+    TYPE: ClassVar[str] = "he_sealed_key"
+    run_id: str
+    attempt: str
+    recipient: str
+    key_site_public: str
+    public_context: str
+    key_id: str
+    signature: str
+    payload: bytes = b""
+
+    def __post_init__(self) -> None:
+        _he_envelope(self.run_id, self.attempt, "he_sealed_key")
+        _ident(self.recipient, "he_sealed_key.recipient")
+        _key32(self.key_site_public, "he_sealed_key.key_site_public")
+        _check(
+            len(self.public_context) <= _HE_MAX_PUBLIC_CONTEXT
+            and bool(b64url_decode(self.public_context)),
+            "he_sealed_key.public_context must be base64url of at most "
+            f"{_HE_MAX_PUBLIC_CONTEXT} characters",
+        )
+        _hex64(self.key_id, "he_sealed_key.key_id")
+        _he_signature(self.signature, "he_sealed_key")
+        _check(
+            isinstance(self.payload, bytes | bytearray | memoryview)
+            and 0 < len(self.payload) <= _HE_MAX_SEALED,
+            f"he_sealed_key.payload must hold 1 to {_HE_MAX_SEALED} bytes",
+        )
+        # The codec hands a view of the frame; the blob is opened and hashed as bytes.
+        object.__setattr__(self, "payload", bytes(self.payload))
+
+    @property
+    def payload_bytes(self) -> bytes:
+        return self.payload
+
+    @property
+    def public_context_bytes(self) -> bytes:
+        raw = b64url_decode(self.public_context)
+        assert raw is not None  # checked on construction
+        return raw
+
+    @property
+    def key_site_public_bytes(self) -> bytes:
+        return _key32(self.key_site_public, "he_sealed_key.key_site_public")
+
+    def signed_fields(self) -> dict[str, Any]:
+        """What the key site signed: digests of the public context and of the blob."""
+        from shared.protocol import signed
+
+        return signed.he_sealed_key_fields(
+            run_id=self.run_id,
+            attempt=self.attempt,
+            recipient=self.recipient,
+            key_site_public=self.key_site_public,
+            public_context_sha256=hashlib.sha256(self.public_context_bytes).hexdigest(),
+            key_id=self.key_id,
+            sealed_sha256=hashlib.sha256(self.payload).hexdigest(),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HEKeyAck(Message):
+    """Site -> coordinator: it opened the key and holds the secret context whose public
+    context has this SHA-256 and whose id is ``key_id``; signed by the site (purpose
+    ``he.key_ack``). Equal ids at every site show they all hold the one key."""
+
+    TYPE: ClassVar[str] = "he_key_ack"
+    run_id: str
+    attempt: str
+    site_id: str
+    public_context_sha256: str
+    key_id: str
+    signature: str
+
+    def __post_init__(self) -> None:
+        _he_envelope(self.run_id, self.attempt, "he_key_ack")
+        _ident(self.site_id, "he_key_ack.site_id")
+        _hex64(self.public_context_sha256, "he_key_ack.public_context_sha256")
+        _hex64(self.key_id, "he_key_ack.key_id")
+        _he_signature(self.signature, "he_key_ack")

@@ -18,6 +18,10 @@ VALIDATION = "validation"
 ENROL = "enrol"
 MODEL = "model"
 FINAL_MODEL = "model.final"
+HE_KEY_ACK = "he.key_ack"
+HE_KEY_REQUEST = "he.key_request"
+HE_PUBLIC_KEY = "he.public_key"
+HE_SEALED_KEY = "he.sealed_key"
 PLAN = "plan"
 RELEASE = "release"
 RELEASE_ACCEPTANCE = "release.acceptance"
@@ -211,4 +215,59 @@ def release_acceptance_fields(
         "metrics": metrics,
         "reason": reason,
         "person": person,
+    }
+
+
+# --- homomorphic-encryption key distribution (coordinator.he_keys, site_client.core.he_keys_site)
+
+
+def he_key_request_fields(
+    *, run_id: str, attempt: str, key_site: str, site_keys: dict[str, str]
+) -> dict[str, Any]:
+    """Signed by the coordinator (purpose ``he.key_request``): the run's sites with their
+    Ed25519 keys, against which sites check each other, and the one that makes the key."""
+    return {"run_id": run_id, "attempt": attempt, "key_site": key_site, "site_keys": site_keys}
+
+
+def he_public_key_fields(
+    *, run_id: str, attempt: str, site_id: str, public_key: str
+) -> dict[str, Any]:
+    """Signed by a site (purpose ``he.public_key``): its fresh X25519 key for one attempt."""
+    return {"run_id": run_id, "attempt": attempt, "site_id": site_id, "public_key": public_key}
+
+
+def he_sealed_key_fields(
+    *,
+    run_id: str,
+    attempt: str,
+    recipient: str,
+    key_site_public: str,
+    public_context_sha256: str,
+    key_id: str,
+    sealed_sha256: str,
+) -> dict[str, Any]:
+    """Signed by the key site (purpose ``he.sealed_key``): digests of the public context and
+    of the sealed blob, never the ~550 KB blob itself."""
+    return {
+        "run_id": run_id,
+        "attempt": attempt,
+        "recipient": recipient,
+        "key_site_public": key_site_public,
+        "public_context_sha256": public_context_sha256,
+        "key_id": key_id,
+        "sealed_sha256": sealed_sha256,
+    }
+
+
+def he_key_ack_fields(
+    *, run_id: str, attempt: str, site_id: str, public_context_sha256: str, key_id: str
+) -> dict[str, Any]:
+    """Signed by a site (purpose ``he.key_ack``) once it opened the key whose public context
+    has this digest."""
+    return {
+        "run_id": run_id,
+        "attempt": attempt,
+        "site_id": site_id,
+        "public_context_sha256": public_context_sha256,
+        "key_id": key_id,
     }

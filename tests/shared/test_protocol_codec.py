@@ -51,6 +51,8 @@ from shared.protocol import (
 )
 from shared.protocol.messages import MESSAGE_TYPES
 
+from .test_protocol_he_messages import HE_STRATEGIES
+
 DECODE_CODES = {
     "protocol.malformed",
     "protocol.version",
@@ -389,6 +391,7 @@ STRATEGIES[SecAggUnmaskResponse] = st.builds(
     ),
 )
 
+STRATEGIES.update(HE_STRATEGIES)
 messages = st.one_of(*STRATEGIES.values())
 
 

@@ -70,7 +70,14 @@ from shared.protocol import (
     decode,
     encode,
 )
-from shared.protocol.messages import TransferOffer
+from shared.protocol.messages import (
+    HEKeyAck,
+    HEKeyDirectory,
+    HEKeyRequest,
+    HEPublicKey,
+    HESealedKey,
+    TransferOffer,
+)
 from shared.protocol.session import (
     ChunkReceived,
     Closed,
@@ -124,6 +131,9 @@ COORDINATOR_ACCEPTS: dict[Phase, set[type[Message]]] = {
         SecAggShares,
         MaskedUpdateOffer,
         SecAggUnmaskResponse,
+        HEPublicKey,
+        HESealedKey,
+        HEKeyAck,
         ErrorMessage,
     },
 }
@@ -144,6 +154,9 @@ SITE_ACCEPTS: dict[Phase, set[type[Message]]] = {
         SecAggKeys,
         SecAggShares,
         SecAggUnmask,
+        HEKeyRequest,
+        HEKeyDirectory,
+        HESealedKey,
         ErrorMessage,
     },
 }
@@ -157,6 +170,8 @@ COORDINATOR_ONLY = {
     GovernanceNotice,
     SecAggSetup,
     SecAggUnmask,
+    HEKeyRequest,
+    HEKeyDirectory,
 }
 SITE_ONLY = {
     Enrol,
@@ -167,6 +182,8 @@ SITE_ONLY = {
     PlanDecision,
     MaskedUpdateOffer,
     SecAggUnmaskResponse,
+    HEPublicKey,
+    HEKeyAck,
 }
 
 any_message = st.one_of(*STRATEGIES.values())
