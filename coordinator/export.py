@@ -60,6 +60,14 @@ def export_run(fed: Federation, run_id: str, out: Path, now: float | None = None
     assert run is not None
     now = time.time() if now is None else now
     plan = fed.plan(run.plan_hash)
+    if plan.homomorphic:
+        raise ConfigError(
+            f"run {run_id} was trained with homomorphic encryption: its model is encrypted "
+            "under the sites' key, which this coordinator never holds, so it cannot be "
+            "exported as weights. Its provenance log holds every round, upload and key "
+            "acknowledgement.",
+            code="export.encrypted",
+        )
     last_head = fed.store.ledger.latest_head()
     metadata = {
         "federation": fed.config.federation,

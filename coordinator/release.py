@@ -413,6 +413,14 @@ def make_release(
     run_id = run.run_id
     now = time.time() if now is None else now
     plan = fed.plan(run.plan_hash)
+    if plan.homomorphic:
+        raise ConfigError(
+            f"run {run_id} was trained with homomorphic encryption: its model is encrypted "
+            "under the sites' key, which this coordinator never holds, so it cannot sign a "
+            "release of the weights. Every site that took part holds the model and validated "
+            "it on its own data.",
+            code="release.encrypted",
+        )
     charter = fed.store.charter()
     federation = fed.config.federation
     parts = layout.release_parts(

@@ -247,10 +247,7 @@ class SecAggLink:
         s = self.server
         for action in actions:
             if isinstance(action, Send):
-                conn = s.connections.get(action.site)
-                if conn is not None:
-                    conn.session.send(action.message)
-                    s._spawn(s._flush(conn))
+                s.send_to(action.site, action.message)
             elif isinstance(action, LeftOut):
                 log.info("site %s is left out of this round: it %s", action.site, action.reason)
                 if s.engine is not None:

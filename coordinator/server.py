@@ -63,6 +63,7 @@ from websockets.frames import CloseCode
 from coordinator import governance, release
 from coordinator.aggregation import (
     RoundFold,
+    RoundResult,
     aggregate_round,
     check_update,
     fold_stored,
@@ -78,6 +79,7 @@ from coordinator.engine import (
     RoundEngine,
 )
 from coordinator.federation import Federation
+from coordinator.he_server import HE_MESSAGES, HELink
 from coordinator.heterogeneity import shift_entry
 from coordinator.limits import ALLOWED, MessageRate, PeerLimits
 from coordinator.pause import Pause, clear_pause, write_pause
@@ -97,6 +99,7 @@ from shared.files import start_writeback
 from shared.identity.invitation import token_digest
 from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
+from shared.privacy.he_rounds import is_encrypted
 from shared.protocol import signed
 from shared.protocol.codec import DEFAULT_LIMITS, Limits, encode
 from shared.protocol.messages import (
@@ -108,6 +111,7 @@ from shared.protocol.messages import (
     Enrol,
     ErrorMessage,
     HeadRequest,
+    Message,
     PlanDecision,
     ReleaseAcceptance,
     ReleaseNotice,
@@ -214,6 +218,7 @@ class CoordinatorServer:
         self.engine: RoundEngine | None = None
         self.model: RoundModel | None = None
         self.secagg = SecAggLink(self)  # securely aggregated rounds
+        self.he = HELink(self)  # homomorphically encrypted runs
         self._final: RoundModel | None = None  # the finished run's model, offered for validation
         self._governance_seen: tuple[int, str | None] | None = None
         self._releases_seen: tuple[str, ...] = ()
@@ -301,12 +306,14 @@ class CoordinatorServer:
             if self.engine is not None:
                 self._apply(self.engine.tick(now))
                 self.secagg.tick(now)
+                self.he.tick(now)
                 self._check_aggregation(now)
             self._close_overdue(now)
             timeout = self.admin_poll_s
             deadlines = [self.engine.next_deadline() if self.engine else None]
             deadlines.append(self.pending.next_deadline())
             deadlines.append(self.secagg.next_deadline())
+            deadlines.append(self.he.next_deadline())
             for deadline in deadlines:
                 if deadline is not None:
                     timeout = max(0.0, min(timeout, deadline - now))
@@ -443,6 +450,8 @@ class CoordinatorServer:
             timer.add("model_encode", self.monotonic() - opened)
             if self.secagg.on:
                 self._spawn(self.secagg.open(action))
+            if self.he.on:
+                self.he.open(action)
             self._assess_scanner_shift(now)
         elif isinstance(action, InviteSite):
             conn = self.connections.get(action.site_id)
@@ -457,6 +466,7 @@ class CoordinatorServer:
         elif isinstance(action, RetryRound):
             self._fold = None  # the next attempt's sites may differ
             self.secagg.retried()
+            self.he.retried()
             log.warning("round %d retried: %s", action.round, action.reason)
             self.fed.store.fail_round_attempt(self.run.run_id, action.round, action.reason, now)
         elif isinstance(action, FinishRun):
@@ -510,6 +520,8 @@ class CoordinatorServer:
             ),
         )
         self.model = RoundModel(rnd, data, offer, signature)
+        if self.he.on and is_encrypted(data):
+            return  # an encrypted global model: nothing here can decode it
         if self._decoded is None or self._decoded[0] != digest:
             task = asyncio.ensure_future(asyncio.to_thread(_decode_frozen, data))
             self._decoded = (digest, task)
@@ -607,20 +619,23 @@ class CoordinatorServer:
         try:
             state_in = self._opt_state_before(run.run_id, action.round, strategy)
             started = self.monotonic()
-            base = await self._model_arrays(run.model_digest)
-            result = await asyncio.to_thread(
-                functools.partial(
-                    aggregate_round,
-                    self.fed.blobs,
-                    run.model_digest,
-                    updates,
-                    strategy,
-                    state_in,
-                    base=base,
-                    codec=plan.codec,
-                    fold=fold,
+            if self.he.on:  # the weighted mean of encrypted models, added blind
+                result = RoundResult(await self.he.aggregate(run.run_id, updates))
+            else:
+                base = await self._model_arrays(run.model_digest)
+                result = await asyncio.to_thread(
+                    functools.partial(
+                        aggregate_round,
+                        self.fed.blobs,
+                        run.model_digest,
+                        updates,
+                        strategy,
+                        state_in,
+                        base=base,
+                        codec=plan.codec,
+                        fold=fold,
+                    )
                 )
-            )
             aggregated = self.monotonic()
             timer.add("aggregate", aggregated - started)
             state_out, digest = await asyncio.to_thread(self._persist, result)
@@ -801,6 +816,13 @@ class CoordinatorServer:
                 await self._flush(conn)
         await conn.ws.close(CloseCode.POLICY_VIOLATION, f"{code}: too many messages")
 
+    def send_to(self, site: str, message: Message) -> None:
+        """Send ``message`` to ``site`` if it is connected (the privacy links' relays)."""
+        conn = self.connections.get(site)
+        if conn is not None:
+            conn.session.send(message)
+            self._spawn(self._flush(conn))
+
     async def _flush(self, conn: Connection) -> None:
         for frame in conn.session.data_to_send():
             try:
@@ -885,6 +907,8 @@ class CoordinatorServer:
             self._offer(conn, msg, now)
         elif isinstance(msg, SECAGG_MESSAGES) and conn.site_id is not None:
             self.secagg.on_message(conn, msg, now)
+        elif isinstance(msg, HE_MESSAGES) and conn.site_id is not None:
+            self.he.on_message(conn, msg, now)
         elif isinstance(msg, RoundDecline):
             log.info("site %s declined round %d: %s", conn.site_id, msg.round, msg.reason)
             if self.engine is not None and self.run is not None and msg.run_id == self.run.run_id:
@@ -1186,6 +1210,12 @@ class CoordinatorServer:
             self._reject(conn, msg, exc.code, "the update's signature does not verify")
             return
         limit = 2 * (self.model.offer.size if self.model else 0) + 1024 * 1024
+        if self.he.on:  # an encrypted local model: about twelve times the model's floats
+            try:
+                limit = max(limit, self.he.max_upload(run.run_id))
+            except TesseraError as exc:
+                self._reject(conn, msg, exc.code, exc.message)
+                return
         if offer.size > limit:
             self._reject(
                 conn,
@@ -1261,24 +1291,29 @@ class CoordinatorServer:
         # The fsync waits for the disk while the check reads the page cache.
         synced = asyncio.ensure_future(asyncio.to_thread(_fsync_and_close, upload.fh))
         try:
-            # What sites upload: the model's entries, less FedBN's local ones.
-            strategy = make_strategy(
-                plan.aggregation, plan.aggregation_params, weighting=plan.weighting
-            )
-            layout = upload_layout(strategy, layout_of(await self._model_arrays(run.model_digest)))
-            fold = self._fold_for(msg.round, strategy, layout)
-            norm = await asyncio.to_thread(
-                functools.partial(
-                    check_update,
-                    upload.path,
-                    self.fed.blobs,
-                    run.model_digest,
-                    plan.max_update_norm,
-                    layout=layout,
-                    codec=plan.codec,
-                    fold=None if fold is None else (fold, site_id, msg.update_offer.sha256),
+            if self.he.on:  # an encrypted local model: checked for its form, kept as sent
+                await self.he.check_upload(run.run_id, upload.path)
+                fold, norm = None, float("nan")
+            else:
+                # What sites upload: the model's entries, less FedBN's local ones.
+                strategy = make_strategy(
+                    plan.aggregation, plan.aggregation_params, weighting=plan.weighting
                 )
-            )
+                base = await self._model_arrays(run.model_digest)
+                layout = upload_layout(strategy, layout_of(base))
+                fold = self._fold_for(msg.round, strategy, layout)
+                norm = await asyncio.to_thread(
+                    functools.partial(
+                        check_update,
+                        upload.path,
+                        self.fed.blobs,
+                        run.model_digest,
+                        plan.max_update_norm,
+                        layout=layout,
+                        codec=plan.codec,
+                        fold=None if fold is None else (fold, site_id, msg.update_offer.sha256),
+                    )
+                )
         except TesseraError as exc:
             with contextlib.suppress(OSError):
                 await synced  # closed before it is deleted

@@ -134,6 +134,12 @@ class TrainingPlan:
     ``shared.privacy.secagg``) so that the coordinator only sees the sum; it needs at least 3
     sites, equal weighting, no compression and a bound on each update (``max_update_norm`` or
     client-level ``dp``'s ``clip_norm``); each site then adds only its share of the DP noise.
+    ``homomorphic`` encrypts instead (CKKS, ``shared.privacy.he_rounds``): the sites share a
+    key the coordinator never holds, each uploads its local model encrypted, the coordinator
+    averages them without decrypting and the sites decrypt the next global model. It needs
+    at least 2 sites, fedavg or fedprox (a weighted mean: no median, server optimiser or
+    local layers), no compression, no ``max_update_norm`` (an encrypted model cannot be
+    measured) and an architecture without BatchNorm (its counters are integers).
 
     ``compression`` names the codec each site encodes its update with and the coordinator
     decodes before aggregating (``shared.compression.get_codec``: ``"none"``, ``"fp16"``,
@@ -174,6 +180,7 @@ class TrainingPlan:
     max_update_norm: float | None = None
     dp: ClientDP | ExampleDP | None = None
     secure_aggregation: bool = False
+    homomorphic: bool = False
     compression: str = "none"  # a codec name, see shared.compression.get_codec
 
     def __post_init__(self) -> None:
@@ -225,6 +232,8 @@ class TrainingPlan:
         )
         if not isinstance(self.secure_aggregation, bool):
             raise _invalid("secure_aggregation", "true or false", self.secure_aggregation)
+        if not isinstance(self.homomorphic, bool):
+            raise _invalid("homomorphic", "true or false", self.homomorphic)
         codec = _codec(self.compression)
         put("compression", codec.name)
         # The reasons why a combination can never work come first: they are more use than
@@ -248,6 +257,8 @@ class TrainingPlan:
             self._check_dp()
         if self.secure_aggregation:
             self._check_secure_aggregation(codec)
+        if self.homomorphic:
+            self._check_homomorphic(codec)
         # Last: the registry's error lists what this installation can build.
         spec = get_architecture(self.architecture, self.architecture_version)
         params = _frozen_map("architecture_params", self.architecture_params)
@@ -264,6 +275,18 @@ class TrainingPlan:
             )
         if isinstance(self.dp, ExampleDP):
             self._check_example_dp()
+        if self.homomorphic:
+            layers = _batch_norm_layers(self)
+            if layers:
+                raise PlanError(
+                    f"Homomorphic encryption cannot average {self.architecture} "
+                    f"v{self.architecture_version}: its BatchNorm layers ({layers[0]}"
+                    f"{', ...' if len(layers) > 1 else ''}) keep integer counters, and CKKS "
+                    "adds real numbers only. Choose an architecture without BatchNorm, such "
+                    "as small_cnn_gn (GroupNorm) or mlp.",
+                    code="plan.invalid",
+                    field="architecture",
+                )
 
     @property
     def codec(self) -> Codec:
@@ -326,6 +349,49 @@ class TrainingPlan:
                 "Secure aggregation needs a bound on each update's size, to quantise it "
                 "without overflow: set max_update_norm (or a client-level dp block, whose "
                 "clip_norm is used).",
+            )
+
+    def _check_homomorphic(self, codec: Codec) -> None:
+        """Refuse what homomorphic-encryption rounds (``shared.privacy.he_rounds``) cannot
+        work with, saying why."""
+
+        def refuse(field: str, why: str) -> PlanError:
+            return PlanError(why, code="plan.invalid", field=field)
+
+        if self.secure_aggregation:
+            raise refuse(
+                "secure_aggregation",
+                "Choose secure aggregation or homomorphic encryption, not both: each already "
+                "keeps every site's update from the coordinator.",
+            )
+        if self.aggregation not in ("fedavg", "fedprox"):
+            raise refuse(
+                "aggregation",
+                f"Homomorphic encryption cannot run {self.aggregation!r}: the coordinator can "
+                "only add encrypted models with plain weights, so a median, a server "
+                "optimiser or layers kept at each site are out of reach. Choose fedavg or "
+                "fedprox.",
+            )
+        if codec.name != "none":
+            raise refuse(
+                "compression",
+                f"Compression {codec.name!r} cannot be combined with homomorphic encryption: "
+                "the coordinator adds ciphertexts, not compressed updates. Set compression "
+                "to 'none'.",
+            )
+        if self.max_update_norm is not None:
+            raise refuse(
+                "max_update_norm",
+                "max_update_norm cannot be checked under homomorphic encryption: the "
+                "coordinator cannot measure an encrypted model. Set it to null (a "
+                "client-level dp block bounds each update at its site).",
+            )
+        if self.min_sites < 2:
+            raise refuse(
+                "min_sites",
+                "Homomorphic encryption needs at least 2 sites per round (min_sites >= 2): "
+                "the key is shared between sites, and with one site the average would be "
+                "its own model. Raise min_sites to 2.",
             )
 
     @property
@@ -413,6 +479,8 @@ class TrainingPlan:
             result["dp"] = self.dp.to_dict()
         if not self.secure_aggregation:
             del result["secure_aggregation"]
+        if not self.homomorphic:
+            del result["homomorphic"]
         if self.compression == "none":
             del result["compression"]
         return result

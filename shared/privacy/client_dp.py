@@ -197,6 +197,12 @@ def protections(plan: Mapping[str, Any]) -> list[str]:
     each, for the operator's ``status`` and the ethics board's report: both say the same."""
     if plan.get("secure_aggregation"):
         secure = "Secure aggregation: the coordinator sees only the sum of the sites' updates."
+    elif plan.get("homomorphic"):
+        secure = (
+            "Homomorphic encryption: each site's model leaves it encrypted under a key only "
+            "the sites hold; the coordinator averages the encrypted models without reading "
+            "them, and only the sites can read the result."
+        )
     else:
         secure = "No secure aggregation: the coordinator sees each site's individual update."
     raw = plan.get("dp")

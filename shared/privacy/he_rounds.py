@@ -55,6 +55,7 @@ from shared.privacy.homomorphic import (
     encrypt_update,
     load_context,
     load_vector,
+    max_ciphertext_bytes,
 )
 from shared.privacy.secagg_plan import Layout, flatten, unflatten, vector_length
 
@@ -64,11 +65,13 @@ __all__ = [
     "decrypt_global",
     "encrypt_local_model",
     "is_encrypted",
+    "max_upload_bytes",
     "sample_weights",
     "uniform_weights",
 ]
 
 _WEIGHT_SUM_TOLERANCE = 1e-9
+_HEADER_BYTES = 24  # encode_encrypted's framing before the ciphertexts
 
 
 def _error(code: str, message: str) -> HomomorphicError:
@@ -223,6 +226,15 @@ def check_encrypted_upload(public_context: bytes, data: bytes, layout: Layout) -
                 "parameters (another level or scale, or not encrypted); it was not used.",
             )
     return upload
+
+
+def max_upload_bytes(public_context: bytes, layout: Layout) -> int:
+    """The most bytes an encrypted model of ``layout`` can take under these parameters:
+    what the coordinator lets a site offer (plain updates are bounded by the model's size,
+    and a ciphertext is about twelve times the floats it holds)."""
+    context = load_context(public_context, secret=False)
+    count = -(-_model_length(layout) // _slots(context))
+    return _HEADER_BYTES + count * (4 + max_ciphertext_bytes(context))
 
 
 def sample_weights(num_samples: Mapping[str, int]) -> dict[str, float]:

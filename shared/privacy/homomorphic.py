@@ -377,6 +377,26 @@ def encrypt_update(secret_context: bytes, update: np.ndarray) -> EncryptedUpdate
     return EncryptedUpdate(length=int(flat.size), slots=slots, chunks=chunks)
 
 
+def max_ciphertext_bytes(context: Any) -> int:
+    """An upper bound on one serialised ciphertext under ``context``'s parameters: two
+    polynomials of ``poly_modulus_degree`` coefficients over at most the standard's modulus
+    bits, plus framing. It bounds what a peer may send before anything is parsed."""
+    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
+    return _ciphertext_bound(degree)
+
+
+def max_encrypted_bytes(length: int, params: CKKSParams | None = None) -> int:
+    """An upper bound on an encrypted vector of ``length`` values on the wire (framed by
+    :func:`encode_encrypted`), from the parameters alone: what a plan's uploads can take."""
+    degree = (params or CKKSParams()).poly_modulus_degree
+    count = -(-length // (degree // 2))
+    return _HEADER.size + count * (4 + _ciphertext_bound(degree))
+
+
+def _ciphertext_bound(degree: int) -> int:
+    return 2 * degree * math.ceil(_MAX_COEFF_BITS[degree] / 8) + 4096
+
+
 def load_vector(context: Any, data: bytes, who: str) -> Any:
     """A CKKS ciphertext from a peer's bytes under ``context``; ``who`` names it in the error."""
     ts = _tenseal()

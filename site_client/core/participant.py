@@ -58,6 +58,9 @@ from shared.protocol.messages import (
     ErrorMessage,
     GovernanceNotice,
     HeadUpdate,
+    HEKeyDirectory,
+    HEKeyRequest,
+    HESealedKey,
     ReleaseNotice,
     RoundDecline,
     RoundInvite,
@@ -92,6 +95,7 @@ from site_client.core.governance_link import (
     StandingApprovals,
     pending_disputes,
 )
+from site_client.core.he_participant import HEKeys
 from site_client.core.secagg_participant import SecAggRounds
 from site_client.core.trainer import Trainer
 
@@ -233,6 +237,7 @@ class Participant:
         self._training_key: tuple[str, int] | None = None
         self._finished: RunFinished | None = None
         self.secagg = SecAggRounds(self)  # securely aggregated rounds (secagg_participant)
+        self.he = HEKeys(self)  # the CKKS key of homomorphically encrypted runs
 
     def _phase(self, phase: str, run_id: str = "", rnd: int = 0, **detail: Any) -> None:
         if self._on_phase is not None:
@@ -421,6 +426,8 @@ class Participant:
             self._on_invite(msg)
         elif isinstance(msg, SecAggSetup | SecAggKeys | SecAggShares | SecAggUnmask):
             await self.secagg.on_message(msg)
+        elif isinstance(msg, HEKeyRequest | HEKeyDirectory | HESealedKey):
+            await self.he.on_message(msg)
         elif isinstance(msg, TransferAccept):
             entry = self._uploads.get(msg.transfer_id)
             if entry is not None:
@@ -606,6 +613,9 @@ class Participant:
             ).hexdigest()[:8],
             16,
         )
+        he_job = await self._he_key_job(msg)
+        if he_job is None:
+            return  # declined: this site does not hold the run's key
         timer = self._clocks.get((msg.run_id, msg.round))
         base_digest = msg.model_offer.sha256
         started = self.clock()
@@ -624,6 +634,7 @@ class Participant:
                     # FedBN's layers and top-k's residual, kept here between rounds
                     "state_dir": str(local_state.run_folder(self.dir.root, msg.run_id)),
                     "round": msg.round,
+                    **he_job,
                 },
             )
         except TesseraError as exc:
@@ -714,6 +725,33 @@ class Participant:
         job, self._to_validate = self._to_validate, None
         if job is not None:
             self._validating = asyncio.ensure_future(self._validate(*job))
+
+    async def _he_key_job(self, msg: RoundInvite) -> dict[str, str] | None:
+        """The job's ``he_key`` for a homomorphically encrypted plan ({} for another), once
+        this site holds the run's key: it is set up while the first round's model downloads.
+        ``None`` after declining: a later round finds no key here, or none came in time."""
+        if not msg.plan.get("homomorphic"):
+            return {}
+        if msg.round > 1 and not self.he.path(msg.run_id).is_file():
+            key = None  # the key was set up in the first round, without this site
+        else:
+            key = await self.he.wait_key(msg.run_id, float(msg.deadline_s))
+        if key is None:
+            if self._session is not None and not self._session.closed:
+                self._decline(
+                    msg,
+                    "privacy.he.no_key",
+                    "this site does not hold the run's encryption key, so it can neither read "
+                    "the global model nor encrypt its own",
+                )
+                await self._flush()
+            return None
+        return {"he_key": str(key)}
+
+    def _he_validation_job(self, run_id: str, plan: dict[str, Any]) -> dict[str, str]:
+        """What a validation job of an encrypted run needs to read its models: the key."""
+        path = self.he.path(run_id)
+        return {"he_key": str(path)} if plan.get("homomorphic") and path.is_file() else {}
 
     def _data_job(self) -> dict[str, str]:
         if self.data.from_index:
@@ -836,6 +874,7 @@ class Participant:
                     # FedBN: the model is validated with this site's own layers
                     "state_dir": str(local_state.run_folder(self.dir.root, run_id)),
                     "round": rnd,
+                    **self._he_validation_job(run_id, plan),
                 },
             )
         except TesseraError as exc:

@@ -9,6 +9,7 @@ what the plan will actually do.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,10 @@ def update_bytes(plan: TrainingPlan) -> int:
         for name, t in _state(plan).items()
         if t.is_floating_point()
     }
+    if plan.homomorphic:  # the encrypted local model: ciphertexts, about 12 bytes a number
+        from shared.privacy.homomorphic import max_encrypted_bytes
+
+        return max_encrypted_bytes(sum(math.prod(shape) for shape, _ in layout.values()))
     return int(plan.codec.max_payload_size(layout))
 
 
@@ -97,6 +102,9 @@ def summarise(
     protections.append(
         "secure aggregation: the coordinator only ever sees the sum of all hospitals' updates"
         if secure_aggregation
+        else "homomorphic encryption: this hospital's model leaves it encrypted under a key "
+        "only the hospitals hold; the coordinator averages without being able to read it"
+        if plan.homomorphic
         else "no secure aggregation: the coordinator sees this hospital's update itself"
     )
     if plan.max_update_norm is not None:

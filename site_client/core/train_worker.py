@@ -290,7 +290,6 @@ def run_job(
     from shared.aggregation import local_entries, local_training_options, make_strategy
     from shared.models.state import load_model_arrays
     from shared.plan import TrainingPlan
-    from shared.tensors import decode_tensors
     from shared.training import train_local
     from site_client.core import local_state
 
@@ -331,7 +330,7 @@ def run_job(
             params=plan.architecture_params,
             seed=plan.seed,
         )
-    base = decode_tensors(raw, copy=False)  # private, writable views into ``raw``
+    base = _global_arrays(raw, model, job)  # private, writable (views into ``raw``)
     del raw
     # The strategy's part of local training, e.g. FedProx's proximal term (mu).
     strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
@@ -356,6 +355,8 @@ def run_job(
     # The update, new weights minus global weights, computed into the global weights' own
     # (decoded, hence private) arrays: one pass per tensor, no model-sized allocation.
     state = model.state_dict()
+    # HE: what leaves is the local model (global + update), encrypted; keep the global.
+    he_global = {n: a.copy() for n, a in base.items()} if job.get("he_key") else None
     if local:
         own = {n: state[n].detach().numpy().copy() for n in sorted(local)}
         for name in local:
@@ -369,7 +370,14 @@ def run_job(
         else:
             base[name] = np.subtract(after, array, dtype=np.float32)
     dp = _privatise(base, plan, job.get("dp_seed"))
-    if plan.compression == "none":
+    if he_global is not None:
+        from shared.aggregation import layout_of
+        from shared.privacy.he_rounds import encrypt_local_model
+
+        secret = Path(job["he_key"]).read_bytes()
+        payload = encrypt_local_model(secret, he_global, base, layout_of(base))
+        digest, size = write_payload(Path(job["update_path"]), payload)
+    elif plan.compression == "none":
         digest, size = write_update(Path(job["update_path"]), base)
     else:
         digest, size = write_payload(
@@ -390,6 +398,24 @@ def run_job(
             "cpu": time.process_time() - cpu_started,
         },
     }
+
+
+def _global_arrays(raw: memoryview, model: Any, job: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The global model's weights: views decoded in place from safetensors or, in a
+    homomorphically encrypted run's later rounds, decrypted with this site's key
+    (``job["he_key"]``, ``shared.privacy.he_rounds``) into the model's own entries."""
+    from shared.tensors import decode_tensors
+
+    if job.get("he_key"):
+        from shared.privacy.he_rounds import decrypt_global, is_encrypted
+
+        if is_encrypted(raw):
+            from shared.aggregation import layout_of
+            from shared.models.state import model_arrays
+
+            secret = Path(job["he_key"]).read_bytes()
+            return decrypt_global(secret, bytes(raw), layout_of(model_arrays(model)))
+    return decode_tensors(raw, copy=False)
 
 
 def write_payload(out: Path, payload: bytes) -> tuple[str, int]:
@@ -464,7 +490,6 @@ def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str,
     from shared.models.registry import build_model
     from shared.models.state import load_model_arrays
     from shared.plan import TrainingPlan
-    from shared.tensors import decode_tensors
     from shared.training import evaluate
 
     torch.set_num_threads(int(job.get("threads", 1)))
@@ -501,7 +526,7 @@ def validate_job(job: dict[str, Any], *, reuse_model: bool = False) -> dict[str,
             seed=plan.seed,
         )
     )
-    weights = decode_tensors(raw, copy=False)
+    weights = _global_arrays(raw, model, job)
     strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
     state_dir = Path(job["state_dir"]) if job.get("state_dir") else None
     # FedBN: the model of round r is used with the layers this site trained with it.

@@ -18,16 +18,13 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
-from coordinator.server import CoordinatorServer
 from shared.plan import demo_plan
 from shared.synthetic import generate_federation
-from site_client.core.governance_link import StandingApprovals
 from site_client.core.participant import LocalData, Participant
-from tests.e2e.sites import enrolled_sites
+from tests.e2e.sites import enrolled_sites, serving, start_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-CHARTER = Path(__file__).parents[2] / "coordinator" / "templates" / "charter.md"
 WINDOW = 64
 IDENTIFIERS = (
     "PatientID",
@@ -82,44 +79,34 @@ async def test_no_pixel_data_and_no_patient_identifier_ever_leaves_a_site(tmp_pa
         tmp_path / "data", sites=2, seed=4, images_per_site=16, test_images=0, image_size=64
     )
     fed = Federation.init(tmp_path / "coord", CoordinatorConfig(federation="Privacy", port=0))
-    server = CoordinatorServer(fed, admin_poll_s=0.05)
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(server.serve(ready=ready.set_result))
     frames: dict[str, list[bytes]] = {}
     try:
-        await asyncio.wait_for(ready, timeout=10)
-        sites = await enrolled_sites(fed, data, tmp_path)
-        plan = demo_plan(
-            rounds=2, quorum=2, min_sites=2, input_size=32, batch_size=8, local_epochs=1
-        )
-        charter = fed.publish_charter(CHARTER.read_bytes())
-        plan_hash = fed.add_plan(plan)
-        run_id = fed.start_run(plan_hash).run_id
-        standing = StandingApprovals(
-            person="Site lead", charters=frozenset({charter.sha256}), plans=frozenset({plan_hash})
-        )
-        participants = []
-        for site_dir in sites:
-            sent = frames.setdefault(site_dir.root.name, [])
-            participants.append(
-                Participant(
-                    site_dir,
-                    LocalData.site_index(),
-                    exit_when_done=True,
-                    share_summary=True,
-                    standing=standing,
-                    on_frame_out=lambda f, sent=sent: sent.append(
-                        f.encode("utf-8") if isinstance(f, str) else bytes(f)
-                    ),
-                )
+        async with serving(fed):
+            sites = await enrolled_sites(fed, data, tmp_path)
+            plan = demo_plan(
+                rounds=2, quorum=2, min_sites=2, input_size=32, batch_size=8, local_epochs=1
             )
-        results = await asyncio.wait_for(
-            asyncio.gather(*(p.run(max_attempts=3) for p in participants)), timeout=240
-        )
-        assert all(r is not None and r.run_id == run_id for r in results)
+            run_id, standing = start_run(fed, plan)
+            participants = []
+            for site_dir in sites:
+                sent = frames.setdefault(site_dir.root.name, [])
+                participants.append(
+                    Participant(
+                        site_dir,
+                        LocalData.site_index(),
+                        exit_when_done=True,
+                        share_summary=True,
+                        standing=standing,
+                        on_frame_out=lambda f, sent=sent: sent.append(
+                            f.encode("utf-8") if isinstance(f, str) else bytes(f)
+                        ),
+                    )
+                )
+            results = await asyncio.wait_for(
+                asyncio.gather(*(p.run(max_attempts=3) for p in participants)), timeout=240
+            )
+            assert all(r is not None and r.run_id == run_id for r in results)
     finally:
-        server.stop()
-        await asyncio.wait_for(serving, timeout=15)
         fed.close()
 
     # The sites did send what a run needs: updates, validations and the data summary.

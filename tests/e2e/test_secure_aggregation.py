@@ -23,7 +23,6 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.export import export_run
 from coordinator.federation import Federation
-from coordinator.server import CoordinatorServer
 from shared.crypto.signing import verify
 from shared.governance.contributions import contributions
 from shared.plan import demo_plan
@@ -32,14 +31,12 @@ from shared.provenance.bundle import REPORT, verify_bundle
 from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors
 from site_client.core.config import SiteDir
-from site_client.core.governance_link import StandingApprovals
 from site_client.core.participant import LocalData, Participant, PhaseEvent
 from site_client.core.secagg_participant import record_path
-from tests.e2e.sites import enrolled_sites
+from tests.e2e.sites import enrolled_sites, serving, start_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-CHARTER = Path(__file__).parents[2] / "coordinator" / "templates" / "charter.md"
 CLIP = 100.0  # max_update_norm: no honest update of this model comes near it
 
 
@@ -53,14 +50,9 @@ async def _run(
         tmp_path / "data", sites=3, seed=5, images_per_site=16, test_images=0, image_size=64
     )
     fed = Federation.init(tmp_path / "coord", CoordinatorConfig(federation="Secure", port=0))
-    server = CoordinatorServer(fed, admin_poll_s=0.05)
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(server.serve(ready=ready.set_result))
     frames: dict[str, list[bytes]] = {}
-    sites: list[SiteDir] = []
-    try:
-        await asyncio.wait_for(ready, timeout=10)
-        sites.extend(await enrolled_sites(fed, data, tmp_path))
+    async with serving(fed):
+        sites = await enrolled_sites(fed, data, tmp_path)
         plan = demo_plan(
             rounds=rounds,
             quorum=2,
@@ -72,12 +64,7 @@ async def _run(
             weighting="uniform",
             max_update_norm=CLIP,
         )
-        charter = fed.publish_charter(CHARTER.read_bytes())
-        plan_hash = fed.add_plan(plan)
-        run_id = fed.start_run(plan_hash).run_id
-        standing = StandingApprovals(
-            person="Site lead", charters=frozenset({charter.sha256}), plans=frozenset({plan_hash})
-        )
+        run_id, standing = start_run(fed, plan)
         tasks: list[asyncio.Task[Any]] = []
         participants: list[Participant] = []
         tampered: set[int] = set()
@@ -121,9 +108,6 @@ async def _run(
                 assert isinstance(result, asyncio.CancelledError)
             else:
                 assert not isinstance(result, BaseException) and result.run_id == run_id
-    finally:
-        server.stop()
-        await asyncio.wait_for(serving, timeout=15)
     return fed, run_id, sites, frames
 
 

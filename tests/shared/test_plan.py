@@ -366,6 +366,57 @@ def test_secure_aggregation_refuses_what_cannot_work(
         TrainingPlan.from_dict(_plan_dict(secure_aggregation="yes"))
 
 
+_HE = {"homomorphic": True, "architecture": "small_cnn_gn", "min_sites": 2, "quorum": 2}
+
+
+def test_homomorphic_plans_are_accepted_hashed_and_round_trip() -> None:
+    plan = TrainingPlan.from_dict(_plan_dict(**_HE))
+    assert plan.homomorphic and plan.to_dict()["homomorphic"] is True
+    assert TrainingPlan.from_dict(plan.to_dict()) == plan
+    assert (
+        plan.plan_hash
+        != TrainingPlan.from_dict(_plan_dict(**{**_HE, "homomorphic": False})).plan_hash
+    )
+    assert "homomorphic" not in demo_plan().to_dict()  # left out at its default: old hashes hold
+    private = TrainingPlan.from_dict(_plan_dict(**_HE, weighting="uniform", dp=_DP))
+    assert private.homomorphic and private.epsilon is not None  # clipped and noised at the site
+    assert TrainingPlan.from_dict(
+        _plan_dict(**_HE, aggregation="fedprox", aggregation_params={"mu": 0.01})
+    ).homomorphic
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "match"),
+    [
+        (
+            {
+                "secure_aggregation": True,
+                "weighting": "uniform",
+                "max_update_norm": 5.0,
+                "min_sites": 3,
+                "quorum": 3,
+            },
+            "secure_aggregation",
+            "not both",
+        ),
+        ({"aggregation": "median", "quorum": 3, "min_sites": 3}, "aggregation", "only add"),
+        ({"aggregation": "fedadam"}, "aggregation", "only add encrypted models"),
+        ({"compression": "int8"}, "compression", "adds ciphertexts"),
+        ({"max_update_norm": 5.0}, "max_update_norm", "cannot measure an encrypted model"),
+        ({"min_sites": 1, "quorum": 1}, "min_sites", "at least 2 sites per round"),
+        ({"architecture": "small_cnn"}, "architecture", "BatchNorm layers"),
+    ],
+)
+def test_homomorphic_plans_refuse_what_cannot_work(
+    changes: dict[str, Any], field: str, match: str
+) -> None:
+    with pytest.raises(PlanError, match=match) as info:
+        TrainingPlan.from_dict(_plan_dict(**{**_HE, **changes}))
+    assert info.value.fields["field"] == field
+    with pytest.raises(PlanError, match="'homomorphic' must be true or false"):
+        TrainingPlan.from_dict(_plan_dict(homomorphic=1))
+
+
 def test_plan_epsilon_is_the_accountants_for_rounds_at_full_participation() -> None:
     from shared.privacy.accountant import get_epsilon
 
