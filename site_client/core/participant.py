@@ -604,6 +604,10 @@ class Participant:
         self._start_validation()  # its upload was never acknowledged: validate before training
         if self._validating is not None and not self._validating.done():
             await asyncio.shield(self._validating)  # the worker does one job at a time
+        he_job = await self._he_key_job(msg)
+        if he_job is None:  # declined: this site does not hold the run's key
+            self._training_key = None
+            return
         self.on_status(f"round {msg.round}: training on local data")
         self._phase("training", msg.run_id, msg.round)
         name = f"{msg.run_id}-r{msg.round}"
@@ -613,9 +617,6 @@ class Participant:
             ).hexdigest()[:8],
             16,
         )
-        he_job = await self._he_key_job(msg)
-        if he_job is None:
-            return  # declined: this site does not hold the run's key
         timer = self._clocks.get((msg.run_id, msg.round))
         base_digest = msg.model_offer.sha256
         started = self.clock()
