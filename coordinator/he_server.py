@@ -122,6 +122,18 @@ class HELink:
         self._apply(setup.start())
         s._wake.set()  # the phase deadline counts from now
 
+    def without_key(self, site: str) -> bool:
+        """Whether ``site`` is outside the run's key: not among its holders, or not among
+        the sites of the setup under way (it joined the round after the setup began)."""
+        run = self.server.run
+        if run is None:
+            return False
+        entry = self.key(run.run_id)
+        if entry is not None:
+            return site not in entry.get("sites", [])
+        setup = self.setup
+        return setup is not None and site not in setup.sites
+
     def retried(self) -> None:
         self.setup = None
 

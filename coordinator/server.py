@@ -455,7 +455,10 @@ class CoordinatorServer:
             self._assess_scanner_shift(now)
         elif isinstance(action, InviteSite):
             conn = self.connections.get(action.site_id)
-            if conn is not None:
+            if self.he.on and self.he.without_key(action.site_id):
+                # It could neither read the model nor encrypt its own: not invited.
+                self._apply(self.engine.site_declined(action.site_id, action.round, now))
+            elif conn is not None:
                 self._invite(conn, action.round)
         elif isinstance(action, Aggregate):
             self._aggregating = (action.round, now)  # watched by _check_aggregation

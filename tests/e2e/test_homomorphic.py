@@ -12,7 +12,9 @@ only do by decrypting it.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors, encode_tensors
 from site_client.core.config import SiteDir
 from site_client.core.he_participant import key_path
-from site_client.core.participant import LocalData, Participant
+from site_client.core.participant import LocalData, Participant, PhaseEvent
 from tests.e2e.sites import enrolled_sites, serving, start_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -38,7 +40,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ROUNDS = 2
 
 
-async def _run(tmp_path: Path) -> tuple[Federation, str, list[SiteDir], list[bytes]]:
+async def _run(
+    tmp_path: Path, *, quorum: int = 3, late: int | None = None, seen: list[Any] | None = None
+) -> tuple[Federation, str, list[SiteDir], list[bytes]]:
+    """A run of ``ROUNDS`` encrypted rounds by three sites. ``late``: that site connects
+    only once round 1 has begun (the others are training), so after the key was set up;
+    ``seen`` gets its phases, with the time of each."""
     data = generate_federation(
         tmp_path / "data", sites=3, seed=7, images_per_site=12, test_images=0, image_size=32
     )
@@ -48,8 +55,8 @@ async def _run(tmp_path: Path) -> tuple[Federation, str, list[SiteDir], list[byt
         sites = await enrolled_sites(fed, data, tmp_path)
         plan = demo_plan(
             rounds=ROUNDS,
-            quorum=3,
-            min_sites=3,
+            quorum=quorum,
+            min_sites=quorum,
             architecture="mlp",
             architecture_params={"width": 6},  # 6,157 parameters: two ciphertexts of 4096
             input_size=32,
@@ -58,21 +65,34 @@ async def _run(tmp_path: Path) -> tuple[Federation, str, list[SiteDir], list[byt
             homomorphic=True,
         )
         run_id, standing = start_run(fed, plan)
+        tasks: dict[int, asyncio.Task[Any]] = {}
+
+        def on_phase(i: int, event: PhaseEvent) -> None:
+            if i == late and seen is not None:
+                seen.append((time.time(), event.phase))
+            if late is not None and late not in tasks and event.phase == "training":
+                tasks[late] = asyncio.ensure_future(participants[late].run(max_attempts=3))
+
         participants = [
             Participant(
                 site_dir,
                 LocalData.site_index(),
                 exit_when_done=True,
                 standing=standing,
+                on_phase=lambda e, i=i: on_phase(i, e),
                 on_frame_out=lambda f: frames.append(
                     f.encode("utf-8") if isinstance(f, str) else bytes(f)
                 ),
             )
-            for site_dir in sites
+            for i, site_dir in enumerate(sites)
         ]
-        results = await asyncio.wait_for(
-            asyncio.gather(*(p.run(max_attempts=3) for p in participants)), timeout=240
-        )
+        for i, participant in enumerate(participants):
+            if i != late:
+                tasks[i] = asyncio.ensure_future(participant.run(max_attempts=3))
+        first = list(tasks.values())
+        results = await asyncio.wait_for(asyncio.gather(*first), timeout=240)
+        if late is not None:
+            results.append(await asyncio.wait_for(tasks[late], timeout=60))
         assert all(r is not None and r.run_id == run_id for r in results)
     return fed, run_id, sites, frames
 
@@ -156,3 +176,24 @@ async def test_encrypted_rounds_average_the_local_models_without_the_coordinator
         fed.close()
     # ... and the check does find a model where there is one: in its safetensors bytes.
     assert any(w in encode_tensors(plaintexts[0]) for w in windows)
+
+
+async def test_a_site_that_joins_after_the_key_was_set_up_is_not_invited(tmp_path: Path) -> None:
+    seen: list[Any] = []
+    fed, run_id, sites, _ = await _run(tmp_path, quorum=2, late=2, seen=seen)
+    try:
+        late = sites[2].load().site_id
+        # It was there during the run, was invited to nothing, and trained nothing.
+        connected = [at for at, phase in seen if phase == "connected"]
+        last = fed.store.round_row(run_id, ROUNDS)
+        assert last is not None and connected and connected[0] < last["closed_at"]
+        assert not {"downloading", "training", "uploading"} & {phase for _, phase in seen}
+        (ready,) = [e["detail"] for e in fed.store.events(KEY_READY)]
+        assert late not in ready["sites"] and len(ready["sites"]) == 2
+        assert not key_path(sites[2].root, run_id).exists()  # it never got the key
+        for rnd in range(1, ROUNDS + 1):
+            row = fed.store.round_row(run_id, rnd)
+            assert row is not None and row["status"] == "closed" and row["n_updates"] == 2
+            assert late not in {u.site_id for u in fed.store.updates(run_id, rnd)}
+    finally:
+        fed.close()
