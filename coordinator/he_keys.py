@@ -154,14 +154,7 @@ class HEKeySetup:
             raise _rejected(site, "sent its X25519 key after key collection closed", "unexpected")
         if msg.site_id != site:
             raise _rejected(site, f"sent an X25519 key in the name of {msg.site_id}", "forged")
-        self._verify(
-            site,
-            signed.HE_PUBLIC_KEY,
-            signed.he_public_key_fields(
-                run_id=msg.run_id, attempt=msg.attempt, site_id=site, public_key=msg.public_key
-            ),
-            msg.signature,
-        )
+        self._verify(site, signed.HE_PUBLIC_KEY, msg.signed_fields(), msg.signature)
         try:  # a low-order point gives no shared secret: the key site could not seal to it
             X25519PrivateKey.generate().exchange(
                 X25519PublicKey.from_public_bytes(msg.public_key_bytes)
@@ -206,18 +199,7 @@ class HEKeySetup:
             raise _rejected(site, "acknowledged a key it was not sent", "unexpected")
         if msg.site_id != site:
             raise _rejected(site, f"acknowledged the key in the name of {msg.site_id}", "forged")
-        self._verify(
-            site,
-            signed.HE_KEY_ACK,
-            signed.he_key_ack_fields(
-                run_id=msg.run_id,
-                attempt=msg.attempt,
-                site_id=site,
-                public_context_sha256=msg.public_context_sha256,
-                key_id=msg.key_id,
-            ),
-            msg.signature,
-        )
+        self._verify(site, signed.HE_KEY_ACK, msg.signed_fields(), msg.signature)
         assert self.public_context is not None  # set with the first relayed sealed key
         if msg.public_context_sha256 != _sha256(self.public_context):
             raise _rejected(site, "acknowledged another public context", "mismatch")

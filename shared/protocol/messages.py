@@ -971,6 +971,17 @@ class HEKeyRequest(Message):
         _check(self.key_site in self.site_keys, "he_key_request.key_site must be one of the sites")
         _he_signature(self.signature, "he_key_request")
 
+    def signed_fields(self) -> dict[str, Any]:
+        """What the coordinator signed (``signed.he_key_request_fields``)."""
+        from shared.protocol import signed
+
+        return signed.he_key_request_fields(
+            run_id=self.run_id,
+            attempt=self.attempt,
+            key_site=self.key_site,
+            site_keys=self.site_keys,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HEPublicKey(Message):
@@ -994,6 +1005,17 @@ class HEPublicKey(Message):
     @property
     def public_key_bytes(self) -> bytes:
         return _key32(self.public_key, "he_public_key.public_key")
+
+    def signed_fields(self) -> dict[str, Any]:
+        """What the site signed (``signed.he_public_key_fields``)."""
+        from shared.protocol import signed
+
+        return signed.he_public_key_fields(
+            run_id=self.run_id,
+            attempt=self.attempt,
+            site_id=self.site_id,
+            public_key=self.public_key,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1117,3 +1139,15 @@ class HEKeyAck(Message):
         _hex64(self.public_context_sha256, "he_key_ack.public_context_sha256")
         _hex64(self.key_id, "he_key_ack.key_id")
         _he_signature(self.signature, "he_key_ack")
+
+    def signed_fields(self) -> dict[str, Any]:
+        """What the site signed (``signed.he_key_ack_fields``)."""
+        from shared.protocol import signed
+
+        return signed.he_key_ack_fields(
+            run_id=self.run_id,
+            attempt=self.attempt,
+            site_id=self.site_id,
+            public_context_sha256=self.public_context_sha256,
+            key_id=self.key_id,
+        )

@@ -100,17 +100,7 @@ class SiteHEKeys:
         if self.request is not None:
             raise _rejected("A second key request came for this attempt", "replayed")
         try:
-            verify(
-                self._coordinator_key,
-                signed.HE_KEY_REQUEST,
-                signed.he_key_request_fields(
-                    run_id=msg.run_id,
-                    attempt=msg.attempt,
-                    key_site=msg.key_site,
-                    site_keys=msg.site_keys,
-                ),
-                msg.signature,
-            )
+            verify(self._coordinator_key, signed.HE_KEY_REQUEST, msg.signed_fields(), msg.signature)
         except CryptoError as exc:
             raise _rejected(
                 "The key request is not signed by the coordinator this site enrolled with",
@@ -145,17 +135,7 @@ class SiteHEKeys:
             if identity is None:
                 raise _rejected(f"The key directory holds a key of {key.site_id}", "unexpected")
             try:
-                verify(
-                    identity,
-                    signed.HE_PUBLIC_KEY,
-                    signed.he_public_key_fields(
-                        run_id=key.run_id,
-                        attempt=key.attempt,
-                        site_id=key.site_id,
-                        public_key=key.public_key,
-                    ),
-                    key.signature,
-                )
+                verify(identity, signed.HE_PUBLIC_KEY, key.signed_fields(), key.signature)
             except CryptoError as exc:
                 raise _rejected(
                     f"The X25519 key of {key.site_id} in the key directory is not signed by "
