@@ -64,13 +64,14 @@ from shared.aggregation import (
 )
 from shared.compression import Codec, NoCompression
 from shared.errors import StorageError, UpdateError
+from shared.files import map_file
 from shared.tensors import decode_tensors, encode_tensors
 
 READ_CHUNK = 1 << 20
 
 
 def decode_update(
-    data: bytes, layout: TensorLayout, codec: Codec | None = None, *, copy: bool = True
+    data: bytes | memoryview, layout: TensorLayout, codec: Codec | None = None, *, copy: bool = True
 ) -> dict[str, np.ndarray]:
     """A stored update's arrays. ``codec``: the plan's (``TrainingPlan.codec``), which checks
     names, shapes and values against ``layout`` as it decodes; ``None`` or ``"none"``: plain
@@ -105,7 +106,8 @@ def check_update(
     """
     if layout is None:
         layout = layout_of(decode_tensors(blobs.get(model_digest)))
-    update = decode_update(path.read_bytes(), layout, codec, copy=False)  # read, not changed
+    # Mapped, not read: the page cache's copy is checked and folded where it lies.
+    update = decode_update(map_file(path), layout, codec, copy=False)
     norm = validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
     if fold is not None:
         fold[0].add(fold[1], fold[2], update)

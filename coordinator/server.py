@@ -134,7 +134,7 @@ from shared.protocol.session import (
     TransferComplete,
     TransferFailed,
 )
-from shared.protocol.transfer import chunk_frames, make_offer
+from shared.protocol.transfer import ChunkFrames, make_offer
 from shared.tensors import decode_tensors
 
 log = logging.getLogger("tessera.coordinator")
@@ -178,12 +178,16 @@ class Connection:
 
 @dataclass
 class RoundModel:
-    """The global model of the open round: encoded, hashed and signed once per round."""
+    """The global model of the open round: encoded, hashed, signed and framed once per round."""
 
     round: int
     data: bytes
     offer: TransferOffer
     signature: str
+    frames: ChunkFrames = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.frames = ChunkFrames(self.offer, self.data)
 
 
 class CoordinatorServer:
@@ -1132,7 +1136,7 @@ class CoordinatorServer:
             )
             return
         try:
-            for frame in chunk_frames(pack.offer, pack.data, msg.next_index):
+            for frame in pack.frames.from_index(msg.next_index):
                 await conn.ws.send(frame)
         except TransferError as exc:
             conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))
@@ -1146,7 +1150,7 @@ class CoordinatorServer:
         except TimeoutError:
             held = False  # the transfer ahead is stalled: go alongside it
         try:
-            for frame in chunk_frames(model.offer, model.data, msg.next_index):
+            for frame in model.frames.from_index(msg.next_index):
                 await conn.ws.send(frame)
         except TransferError as exc:  # a resume index beyond the model's chunks
             conn.session.send(ErrorMessage(code=exc.code, message=exc.message, ref=msg.TYPE))

@@ -9,6 +9,7 @@ information the global model needs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -74,7 +75,7 @@ def load_model_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> Non
                 f"Weight {name!r} has dtype {array.dtype}, expected a floating-point type.",
                 code="update.dtype",
             )
-        converted[name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        converted[name] = _as_tensor(np.ascontiguousarray(array, dtype=np.float32))
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(converted[name])
@@ -84,3 +85,14 @@ def array_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int,
     """name -> (shape, dtype name), e.g. ``{"head.bias": ((1,), "float32")}``: what two
     parties compare before they add their arrays."""
     return {name: (tuple(int(d) for d in a.shape), str(a.dtype)) for name, a in arrays.items()}
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over ``array``'s memory, only ever read (copied into the model). Weights
+    decoded from a read-only mapping (a site's model file) are read-only arrays, for which
+    ``torch.from_numpy`` warns that writing would be undefined; nothing writes here."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)

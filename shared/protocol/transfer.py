@@ -41,11 +41,7 @@ def iter_chunks(
     for a sender that encodes each chunk at once (``chunk_frames``)."""
     if len(data) != offer.size:
         raise TransferError("payload does not match its offer", code="protocol.transfer_size")
-    if not 0 <= start <= offer.total_chunks:
-        raise TransferError(
-            f"resume index {start} is outside 0..{offer.total_chunks}",
-            code="protocol.transfer_index",
-        )
+    _check_start(offer, start)
     view = memoryview(data)
     for index in range(start, offer.total_chunks):
         lo = index * offer.chunk_size
@@ -55,6 +51,33 @@ def iter_chunks(
             index=index,
             payload=bytes(piece) if copy else cast(bytes, piece),
         )
+
+
+class ChunkFrames:
+    """The encoded chunk frames of one payload that goes to many receivers (the round's
+    model to every site), each made once, when first sent, and then sent as they are: encoding
+    copies a chunk into its frame, which would otherwise happen again for every receiver. A
+    frame's message id is its transfer id and index, so the frames are the same for all."""
+
+    def __init__(self, offer: TransferOffer, data: bytes | memoryview) -> None:
+        if len(data) != offer.size:
+            raise TransferError("payload does not match its offer", code="protocol.transfer_size")
+        self.offer = offer
+        self._view = memoryview(data)
+        self._frames: list[bytes | None] = [None] * offer.total_chunks
+
+    def from_index(self, start: int = 0) -> Iterator[bytes]:
+        """The frames from ``start`` (the receiver's ``next_index``) on; raises
+        ``TransferError`` for an index outside the payload, as :func:`iter_chunks`."""
+        _check_start(self.offer, start)
+        size, tid = self.offer.chunk_size, self.offer.transfer_id
+        for index in range(start, len(self._frames)):
+            frame = self._frames[index]
+            if frame is None:
+                piece = cast(bytes, self._view[index * size : (index + 1) * size])
+                chunk = Chunk(transfer_id=tid, index=index, payload=piece)
+                frame = self._frames[index] = encode(chunk, message_id=f"{tid}/{index}")
+            yield frame
 
 
 def chunk_frames(offer: TransferOffer, data: bytes | memoryview, start: int = 0) -> Iterator[bytes]:
@@ -141,3 +164,11 @@ class TransferReceiver:
                 code="protocol.hash_mismatch",
             )
         return digest
+
+
+def _check_start(offer: TransferOffer, start: int) -> None:
+    if not 0 <= start <= offer.total_chunks:
+        raise TransferError(
+            f"resume index {start} is outside 0..{offer.total_chunks}",
+            code="protocol.transfer_index",
+        )

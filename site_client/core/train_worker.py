@@ -224,14 +224,15 @@ class _Models:
 _MODELS = _Models()
 
 
-def _read_model(path: Path, sha256: str | None) -> memoryview:
+def _read_model(path: Path, sha256: str | None) -> memoryview | bytes:
     """The global model's bytes, checked against the digest the coordinator signed: the file
-    in the site's model cache may be one downloaded rounds ago, or damaged on disk. Mutable,
-    so that the arrays decoded from it are writable views (no copy): the update is computed
-    into them."""
+    in the site's model cache may be one downloaded rounds ago, or damaged on disk. Mapped
+    read-only (``shared.files.map_file``), not copied: the arrays decoded from it are read
+    once, into the model; the update is computed in the model's own memory (``run_job``)."""
     from shared.errors import TrainingError
+    from shared.files import map_file
 
-    data = _read_file(path)
+    data = map_file(path)
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         path.unlink(missing_ok=True)  # the next invitation downloads it again
         raise TrainingError(
@@ -240,16 +241,6 @@ def _read_model(path: Path, sha256: str | None) -> memoryview:
             code="training.model_corrupt",
         )
     return data
-
-
-def _read_file(path: Path) -> memoryview:
-    """A whole file in a mutable buffer, read straight into it (not zeroed first)."""
-    with open(path, "rb", buffering=0) as fh:
-        view = memoryview(np.empty(os.fstat(fh.fileno()).st_size, dtype=np.uint8))
-        got = 0
-        while got < len(view) and (n := fh.readinto(view[got:])):
-            got += n
-    return view[:got]  # shorter than its size said: the digest check fails
 
 
 def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
@@ -330,8 +321,7 @@ def run_job(
             params=plan.architecture_params,
             seed=plan.seed,
         )
-    base = _global_arrays(raw, model, job)  # private, writable (views into ``raw``)
-    del raw
+    base = _global_arrays(raw, model, job)  # read-only views into ``raw`` (or decrypted)
     # The strategy's part of local training, e.g. FedProx's proximal term (mu).
     strategy = make_strategy(plan.aggregation, plan.aggregation_params, weighting=plan.weighting)
     options = local_training_options(strategy)
@@ -352,36 +342,37 @@ def run_job(
     )
     train_s = clock() - train_started
     encode_started = clock()
-    # The update, new weights minus global weights, computed into the global weights' own
-    # (decoded, hence private) arrays: one pass per tensor, no model-sized allocation.
+    # The update, new weights minus global weights, computed into the model's own memory (it
+    # is loaded afresh by the next job): one pass per tensor, no model-sized allocation, and
+    # the global weights stay as mapped. Registry models tie no weights, so no two entries
+    # share that memory.
     state = model.state_dict()
-    # HE: what leaves is the local model (global + update), encrypted; keep the global.
-    he_global = {n: a.copy() for n, a in base.items()} if job.get("he_key") else None
     if local:
         own = {n: state[n].detach().numpy().copy() for n in sorted(local)}
-        for name in local:
-            del base[name]  # never leaves the site
         if state_dir is not None:
             local_state.save(state_dir, local_state.NORM_LAYERS, rnd, own)
+    update: dict[str, np.ndarray] = {}
     for name, array in base.items():
+        if name in local:
+            continue  # never leaves the site
         after = state[name].detach().numpy()
-        if array.dtype == np.float32:
-            np.subtract(after, array, out=array)
+        if array.dtype == np.float32 and after.dtype == np.float32:
+            update[name] = np.subtract(after, array, out=after)
         else:
-            base[name] = np.subtract(after, array, dtype=np.float32)
-    dp = _privatise(base, plan, job.get("dp_seed"))
-    if he_global is not None:
+            update[name] = np.subtract(after, array, dtype=np.float32)
+    dp = _privatise(update, plan, job.get("dp_seed"))
+    if job.get("he_key"):  # what leaves is the local model (global + update), encrypted
         from shared.aggregation import layout_of
         from shared.privacy.he_rounds import encrypt_local_model
 
         secret = Path(job["he_key"]).read_bytes()
-        payload = encrypt_local_model(secret, he_global, base, layout_of(base))
+        payload = encrypt_local_model(secret, base, update, layout_of(update))
         digest, size = write_payload(Path(job["update_path"]), payload)
     elif plan.compression == "none":
-        digest, size = write_update(Path(job["update_path"]), base)
+        digest, size = write_update(Path(job["update_path"]), update)
     else:
         digest, size = write_payload(
-            Path(job["update_path"]), _compress(base, plan.codec, state_dir, rnd)
+            Path(job["update_path"]), _compress(update, plan.codec, state_dir, rnd)
         )
     encode_s = clock() - encode_started
     return {

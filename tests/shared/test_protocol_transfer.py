@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import TransferError
+from shared.protocol.codec import decode
 from shared.protocol.messages import Chunk
-from shared.protocol.transfer import TransferReceiver, iter_chunks, make_offer
+from shared.protocol.transfer import ChunkFrames, TransferReceiver, iter_chunks, make_offer
 
 MAX = 1 << 20
 
@@ -234,3 +235,30 @@ def test_have_longer_than_the_offer(size: int) -> None:
     for chunk in iter_chunks(offer, data, receiver.next_index):
         receiver.receive(chunk)
     assert receiver.verify() == offer.sha256
+
+
+def test_chunk_frames_are_made_once_and_decode_to_the_chunks() -> None:
+    data = payload(95)
+    offer = make_offer("m-1", data, 10)
+    frames = ChunkFrames(offer, data)
+    first = list(frames.from_index())
+    # A second receiver, and one resuming at chunk 4, get the very same frame objects.
+    assert all(a is b for a, b in zip(first, frames.from_index(), strict=True))
+    assert all(a is b for a, b in zip(first[4:], frames.from_index(4), strict=True))
+    chunks = [decode(f) for f in first]
+    assert chunks == list(iter_chunks(offer, data))
+    receiver = TransferReceiver(offer, max_size=MAX)
+    assert receive_all(receiver, chunks) == data
+    receiver.verify()
+    assert list(frames.from_index(offer.total_chunks)) == []
+
+
+def test_chunk_frames_check_the_payload_and_the_resume_index() -> None:
+    data = payload(30)
+    offer = make_offer("m-1", data, 10)
+    with pytest.raises(TransferError) as size:
+        ChunkFrames(offer, data[:-1])
+    assert size.value.code == "protocol.transfer_size"
+    with pytest.raises(TransferError) as index:
+        list(ChunkFrames(offer, data).from_index(4))
+    assert index.value.code == "protocol.transfer_index"
