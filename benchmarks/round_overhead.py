@@ -68,11 +68,16 @@ class RoundPath:
     seconds: float
     phases: dict[str, float]
     site_id: str
-    cpu: float  # processor seconds of the coordinator, every site and their workers
+    coordinator_cpu: float  # processor seconds of the coordinator process
+    sites_cpu: float  # of every site process and its training job (not its validation)
 
     @property
     def total(self) -> float:
         return sum(self.phases.values())
+
+    @property
+    def cpu(self) -> float:
+        return self.coordinator_cpu + self.sites_cpu
 
 
 def critical_paths(records: Sequence[RoundTimings]) -> list[RoundPath]:
@@ -90,8 +95,8 @@ def critical_paths(records: Sequence[RoundTimings]) -> list[RoundPath]:
             phases[name] += value
         for name, value in last.phases.items():
             phases[name] += value
-        cpu = coord.cpu + sum(r.cpu for r in sites)
-        paths.append(RoundPath(rnd, coord.seconds, phases, last.site_id, cpu))
+        sites_cpu = sum(r.cpu for r in sites)
+        paths.append(RoundPath(rnd, coord.seconds, phases, last.site_id, coord.cpu, sites_cpu))
     return paths
 
 
@@ -196,9 +201,9 @@ def run_federation(
 
 async def _floor_server(
     root: Path, clients: int, model_path: Path, update_path: Path, trials: int
-) -> tuple[list[float], float]:
-    """Seconds of each trial, and the processor time per trial of the server and the clients
-    together."""
+) -> tuple[list[float], float, float]:
+    """Seconds of each trial, and the processor time per trial of the server and of the
+    clients together."""
     from websockets.asyncio.server import ServerConnection, serve
 
     from shared.crypto.tls import generate_self_signed, server_ssl_context
@@ -238,14 +243,15 @@ async def _floor_server(
         try:
             conns = [await asyncio.wait_for(joined.get(), timeout=60) for _ in range(clients)]
             times = []
-            cpu = -time.process_time()
+            server_cpu = -time.process_time()
             for _ in range(trials):
                 started = time.perf_counter()
                 await asyncio.gather(*(push_pull(ws) for ws in conns))
                 times.append(time.perf_counter() - started)
-            cpu += time.process_time()
+            server_cpu += time.process_time()
+            clients_cpu = 0.0
             for ws in conns:  # each client's own processor time for the trials
-                cpu += float(await asyncio.wait_for(ws.recv(), timeout=60))
+                clients_cpu += float(await asyncio.wait_for(ws.recv(), timeout=60))
         finally:
             finished.set()
             for proc in procs:
@@ -254,7 +260,7 @@ async def _floor_server(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    return times, cpu / trials
+    return times, server_cpu / trials, clients_cpu / trials
 
 
 async def _floor_client(
@@ -325,13 +331,14 @@ def main(argv: list[str]) -> int:
             sys.exit(f"timings of {len(paths)} of the {args.rounds - 1} rounds after the first")
         print()
         print_breakdown(paths)
-        floor_trials, floor_cpu = asyncio.run(
+        floor_trials, floor_server_cpu, floor_clients_cpu = asyncio.run(
             _floor_server(root, args.sites, model_path, update_path, FLOOR_TRIALS + 1)
         )
     floor = floor_trials[1:]  # the first warms up
     round_s = statistics.median(p.seconds for p in paths)
     floor_s = statistics.median(floor)
     round_cpu = statistics.median(p.cpu for p in paths)
+    floor_cpu = floor_server_cpu + floor_clients_cpu
     print(
         f"transfer floor (model to {args.sites} clients, one update back from each, plain TLS "
         f"websocket): {' '.join(f'{t:.3f}' for t in floor)} s, median {floor_s:.3f} s"
@@ -341,6 +348,13 @@ def main(argv: list[str]) -> int:
         f"processor time (all processes): {round_cpu:.3f} s per round, {floor_cpu:.3f} s per "
         f"floor trial, cpu ratio {round_cpu / floor_cpu:.2f}; on {cores} idle cores a round "
         f"cannot take less than {round_cpu / cores:.3f} s"
+    )
+    print(
+        "where it goes: coordinator "
+        f"{statistics.median(p.coordinator_cpu for p in paths):.3f} s and sites (with their "
+        f"training jobs) {statistics.median(p.sites_cpu for p in paths):.3f} s a "
+        f"round; floor server {floor_server_cpu:.3f} s and clients {floor_clients_cpu:.3f} s a "
+        "trial"
     )
     print(f"load average (1 min) of this machine before / after: {load_before} / {_load()}")
     print(

@@ -15,7 +15,8 @@ to the sites one at a time, in the order asked (``MODEL_TURN_WAIT_S``), so the f
 train and upload while the last ones download. Once every expected site has offered its
 update, each update is folded into the round's mean right after its receipt check
 (``coordinator.aggregation.RoundFold``; those stored earlier are folded from disk
-meanwhile), so aggregating does not read and hash every update again. Each
+meanwhile), so aggregating does not read and hash every update again; offers, uploads and
+those checks are ``coordinator.update_intake``'s. Each
 round's phases (model encode, aggregate, persist, commit) are timed with a monotonic clock and
 appended to ``timings.jsonl`` in the data directory when the round is committed
 (``shared.phases``). The round path does not poll; the supervisor's timer only picks up runs
@@ -52,7 +53,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,12 +62,8 @@ from websockets.frames import CloseCode
 
 from coordinator import governance, release
 from coordinator.aggregation import (
-    RoundFold,
     RoundResult,
     aggregate_round,
-    check_update,
-    fold_stored,
-    fold_weights,
 )
 from coordinator.engine import (
     Action,
@@ -84,18 +80,16 @@ from coordinator.heterogeneity import shift_entry
 from coordinator.limits import ALLOWED, MessageRate, PeerLimits
 from coordinator.pause import Pause, clear_pause, write_pause
 from coordinator.secagg_server import SECAGG_MESSAGES, SecAggLink
-from coordinator.store import RunRecord, UpdateRecord
+from coordinator.store import RunRecord
+from coordinator.update_intake import UpdateIntake, Upload, store_chunk
 from shared.aggregation import (
     StrategyConfig,
-    layout_of,
     make_strategy,
     server_optimiser,
-    upload_layout,
 )
 from shared.crypto.signing import sign, verify
 from shared.crypto.tls import server_ssl_context
 from shared.errors import StorageError, TesseraError, TransferError
-from shared.files import start_writeback
 from shared.identity.invitation import token_digest
 from shared.phases import TIMINGS_FILE, PhaseClock, RoundTimings, append_timings
 from shared.plan import TrainingPlan
@@ -120,7 +114,6 @@ from shared.protocol.messages import (
     RunFinished,
     TransferAccept,
     TransferOffer,
-    UpdateAccepted,
     UpdateOffer,
     ValidationReport,
 )
@@ -152,14 +145,6 @@ FLUSH_TIMEOUT_S = 2.0
 # site waiting for all the downloads to end together. A transfer waits for its turn at most
 # this long, so a site whose link stalls holds the others back no longer than that.
 MODEL_TURN_WAIT_S = 2.0
-
-
-@dataclass
-class Upload:
-    offer: UpdateOffer
-    path: Path
-    fh: Any
-    sha256: Any  # hashlib's running digest of what is on disk (the session checks it)
 
 
 @dataclass
@@ -214,7 +199,7 @@ class CoordinatorServer:
         self.peer_limits = peer_limits
         self.identity_guard = peer_limits.identity_guard(clock())
         self.pending = peer_limits.connection_budget()  # keyed by websocket
-        self.upload_slots = peer_limits.upload_slots()
+        self.intake = UpdateIntake(self, peer_limits.upload_slots())
         self._conns: dict[ServerConnection, Connection] = {}  # every open connection
         self.run: RunRecord | None = None
         self.plan: TrainingPlan | None = None
@@ -235,10 +220,7 @@ class CoordinatorServer:
         self._decoded: tuple[str, asyncio.Task[dict[str, np.ndarray]]] | None = None
         # The open round's fold (aggregation.RoundFold), and the sample counts offered for
         # ((run, round), {site: count}) that fix its weights.
-        self._fold: RoundFold | None = None
         self._model_turn = asyncio.Lock()  # one round model transfer at a time
-        self._fold_catchup: asyncio.Future[int] | None = None  # aggregation.fold_stored
-        self._offered: tuple[tuple[str, int], dict[str, int]] = (("", 0), {})
         self.port: int | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -471,7 +453,7 @@ class CoordinatorServer:
             else:
                 self._spawn(self._aggregate(action))
         elif isinstance(action, RetryRound):
-            self._fold = None  # the next attempt's sites may differ
+            self.intake.fold = None  # the next attempt's sites may differ
             self.secagg.retried()
             self.he.retried()
             log.warning("round %d retried: %s", action.round, action.reason)
@@ -616,10 +598,10 @@ class CoordinatorServer:
             plan.aggregation, plan.aggregation_params, weighting=plan.weighting
         )
         timer = self._round_timer(action.round)
-        fold, self._fold = self._fold, None
+        fold, self.intake.fold = self.intake.fold, None
         if fold is not None and fold.key != (run.run_id, action.round, run.model_digest):
             fold = None
-        catchup, self._fold_catchup = self._fold_catchup, None
+        catchup, self.intake.fold_catchup = self.intake.fold_catchup, None
         if fold is not None and catchup is not None:
             with contextlib.suppress(Exception):  # what it could not fold is read again
                 await catchup
@@ -771,7 +753,7 @@ class CoordinatorServer:
                 # This site's uploads and queued offers end with it (unless a newer
                 # connection of the site has taken them over).
                 for transfer_id in [*conn.uploads, *conn.queued]:
-                    self._release_upload(site_id, transfer_id)
+                    self.intake.release(site_id, transfer_id)
             if site_id is not None and self.connections.get(site_id) is conn:
                 del self.connections[site_id]
                 if self.engine is not None:
@@ -845,7 +827,7 @@ class CoordinatorServer:
             if upload is not None:
                 # Hashed and written in a thread: the loop serves the other sites meanwhile.
                 # Acknowledged after; the digest of the last chunk's ack completes the upload.
-                await asyncio.to_thread(_store_chunk, upload, event.data)
+                await asyncio.to_thread(store_chunk, upload, event.data)
                 digest = upload.sha256.hexdigest() if event.complete else None
                 conn.session.ack(event.transfer_id, sha256=digest)
                 if event.complete:  # TransferComplete, or TransferFailed on a bad digest
@@ -859,16 +841,16 @@ class CoordinatorServer:
                 self.secagg.on_complete(conn, event)
             else:
                 try:
-                    await self._finish_upload(conn, upload)
+                    await self.intake.finish(conn, upload)
                 finally:
-                    self._release_upload(conn.site_id or "", event.offer.transfer_id)
+                    self.intake.release(conn.site_id or "", event.offer.transfer_id)
         elif isinstance(event, TransferFailed):
             upload = conn.uploads.pop(event.transfer_id, None)
             if upload is not None:
                 upload.fh.close()
                 upload.path.unlink(missing_ok=True)
-                self._release_upload(conn.site_id or "", event.transfer_id)
-                self._reject(conn, upload.offer, event.code, event.reason)
+                self.intake.release(conn.site_id or "", event.transfer_id)
+                self.intake.reject(conn, upload.offer, event.code, event.reason)
         elif isinstance(event, PeerViolation):
             log.warning(
                 "site %s broke the protocol: %s (%s)", conn.site_id, event.reason, event.code
@@ -911,7 +893,7 @@ class CoordinatorServer:
         elif isinstance(msg, ChunkAck):
             pass  # download progress; resume uses the site's own TransferAccept
         elif isinstance(msg, UpdateOffer):
-            self._offer(conn, msg, now)
+            self.intake.offer(conn, msg, now)
         elif isinstance(msg, SECAGG_MESSAGES) and conn.site_id is not None:
             self.secagg.on_message(conn, msg, now)
         elif isinstance(msg, HE_MESSAGES) and conn.site_id is not None:
@@ -1165,245 +1147,6 @@ class CoordinatorServer:
                 await self._flush(conn)
         await conn.ws.close()
 
-    # -- updates -------------------------------------------------------------------------
-
-    def _offer(self, conn: Connection, msg: UpdateOffer, now: float) -> None:
-        run, plan, site_id = self.run, self.plan, conn.site_id
-        assert site_id is not None
-        offer = msg.update_offer
-        if run is None or plan is None or msg.run_id != run.run_id:
-            self._refuse(conn, msg, "update.stale", "this run is not active")
-            return
-        stored = {u.site_id: u for u in self.fed.store.updates(run.run_id, msg.round)}
-        if site_id in stored:  # a replay after a reconnect: harmless, answer the same
-            if stored[site_id].digest == offer.sha256:
-                conn.session.send(
-                    UpdateAccepted(run_id=run.run_id, round=msg.round, sha256=offer.sha256)
-                )
-                if self.engine is not None:  # idempotent: the engine counts a site once
-                    self._apply(self.engine.update_stored(site_id, msg.round, now))
-            else:
-                self._refuse(
-                    conn,
-                    msg,
-                    "update.duplicate",
-                    "an update for this round was already accepted from this site",
-                )
-            return
-        if msg.round != run.current_round or msg.base_model != run.model_digest:
-            self._refuse(
-                conn,
-                msg,
-                "update.stale",
-                f"round {msg.round} is not the open round {run.current_round}",
-            )
-            return
-        try:
-            verify(
-                self.fed.store.site(site_id).public_key,  # type: ignore[union-attr]
-                signed.UPDATE,
-                signed.update_fields(
-                    run_id=msg.run_id,
-                    round=msg.round,
-                    site_id=site_id,
-                    plan_hash=plan.plan_hash,
-                    base_model=msg.base_model,
-                    sha256=offer.sha256,
-                    num_samples=msg.num_samples,
-                ),
-                msg.signature,
-            )
-        except TesseraError as exc:
-            self._reject(conn, msg, exc.code, "the update's signature does not verify")
-            return
-        limit = 2 * (self.model.offer.size if self.model else 0) + 1024 * 1024
-        if self.he.on:  # an encrypted local model: about twelve times the model's floats
-            try:
-                limit = max(limit, self.he.max_upload(run.run_id))
-            except TesseraError as exc:
-                self._reject(conn, msg, exc.code, exc.message)
-                return
-        if offer.size > limit:
-            self._reject(
-                conn,
-                msg,
-                "update.too_large",
-                f"update of {offer.size} bytes is larger than the model allows",
-            )
-            return
-        if self._offered[0] != (run.run_id, msg.round):
-            self._offered = ((run.run_id, msg.round), {})
-        self._offered[1][site_id] = msg.num_samples
-        verdict = self.upload_slots.request(site_id, offer.transfer_id)
-        if verdict.code == "update.queued":
-            # Say nothing: the site waits for its TransferAccept, sent when a slot frees.
-            log.info(
-                "update from %s queued: %d uploads in progress", site_id, self.upload_slots.active
-            )
-            conn.queued[offer.transfer_id] = msg
-            return
-        if not verdict.allowed:
-            # No ``ref``: the update itself is fine (an error answering ``update_offer``
-            # would make the site delete it).
-            conn.session.send(ErrorMessage(code=verdict.code, message=verdict.reason))
-            return
-        self._start_upload(conn, msg)
-
-    def _start_upload(self, conn: Connection, msg: UpdateOffer) -> None:
-        """Open (or reopen, to resume) the partial file of an offer holding a slot and
-        accept it from the first chunk not yet on disk."""
-        site_id, offer = conn.site_id or "", msg.update_offer
-        previous = conn.uploads.pop(offer.transfer_id, None)
-        if previous is not None:  # the site restarted this upload on the same connection
-            previous.fh.close()
-            conn.session.abandon_transfer(offer.transfer_id)
-        path = self.fed.blobs.partial_path(f"{site_id}-{offer.transfer_id}.part")
-        have = path.read_bytes() if path.exists() else b""
-        try:
-            next_index = conn.session.expect_transfer(offer, have, owner_hashes=True)
-        except TesseraError:
-            self._release_upload(site_id, offer.transfer_id)
-            return
-        keep = min(len(have), next_index * offer.chunk_size)
-        fh = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (held across events)
-        fh.truncate(keep)
-        fh.seek(keep)
-        sha256 = hashlib.sha256(memoryview(have)[:keep])
-        conn.uploads[offer.transfer_id] = Upload(msg, path, fh, sha256)
-
-    def _release_upload(self, site_id: str, transfer_id: str) -> None:
-        """Give an upload's slot back and start the queued offers it makes room for (those
-        of sites gone meanwhile, or for a round that has closed, give theirs back too)."""
-        granted = self.upload_slots.release(site_id, transfer_id)
-        while granted:
-            site, tid = granted.pop(0)
-            conn = self.connections.get(site)
-            msg = conn.queued.pop(tid, None) if conn is not None else None
-            if conn is None or msg is None:
-                granted += self.upload_slots.release(site, tid)
-                continue
-            run = self.run
-            if run is None or msg.run_id != run.run_id or msg.round != run.current_round:
-                granted += self.upload_slots.release(site, tid)
-                self._refuse(conn, msg, "update.stale", "the round closed while this waited")
-            else:
-                self._start_upload(conn, msg)
-            self._spawn(self._flush(conn))
-
-    async def _finish_upload(self, conn: Connection, upload: Upload) -> None:
-        assert self.run is not None and self.plan is not None and self.engine is not None
-        run, plan = self.run, self.plan
-        msg, site_id = upload.offer, conn.site_id or ""
-        upload.fh.flush()
-        # The fsync waits for the disk while the check reads the page cache.
-        synced = asyncio.ensure_future(asyncio.to_thread(_fsync_and_close, upload.fh))
-        try:
-            if self.he.on:  # an encrypted local model: checked for its form, kept as sent
-                await self.he.check_upload(run.run_id, upload.path)
-                fold, norm = None, float("nan")
-            else:
-                # What sites upload: the model's entries, less FedBN's local ones.
-                strategy = make_strategy(
-                    plan.aggregation, plan.aggregation_params, weighting=plan.weighting
-                )
-                base = await self._model_arrays(run.model_digest)
-                layout = upload_layout(strategy, layout_of(base))
-                fold = self._fold_for(msg.round, strategy, layout)
-                norm = await asyncio.to_thread(
-                    functools.partial(
-                        check_update,
-                        upload.path,
-                        self.fed.blobs,
-                        run.model_digest,
-                        plan.max_update_norm,
-                        layout=layout,
-                        codec=plan.codec,
-                        fold=None if fold is None else (fold, site_id, msg.update_offer.sha256),
-                    )
-                )
-        except TesseraError as exc:
-            with contextlib.suppress(OSError):
-                await synced  # closed before it is deleted
-            upload.path.unlink(missing_ok=True)  # nothing of a rejected update is kept
-            self._reject(conn, msg, exc.code, exc.message)
-            return
-        digest = msg.update_offer.sha256
-        try:
-            # Durable (file and directory fsynced, row committed) before it is acknowledged.
-            await synced
-            # Folded now, or read again once the fold can be made: cached until then.
-            await asyncio.to_thread(
-                functools.partial(
-                    self.fed.blobs.adopt, upload.path, digest, drop_cache=fold is not None
-                )
-            )
-            self.fed.store.add_update(
-                UpdateRecord(
-                    run.run_id,
-                    msg.round,
-                    site_id,
-                    digest,
-                    msg.num_samples,
-                    msg.train_loss,
-                    self.clock(),
-                ),
-                msg.signature,
-            )
-        except (TesseraError, OSError) as exc:
-            log.error("cannot store update of %s: %s", site_id, exc)
-            conn.session.send(
-                ErrorMessage(
-                    code=getattr(exc, "code", "storage.write"),
-                    message="the coordinator could not store the update; keep it, it will "
-                    "ask again",
-                    ref=msg.TYPE,
-                )
-            )
-            self._pause(exc)  # a failed disk write: stop the run rather than go on without it
-            return
-        log.info("update from %s for round %d stored (norm %.4g)", site_id, msg.round, norm)
-        conn.session.send(UpdateAccepted(run_id=msg.run_id, round=msg.round, sha256=digest))
-        await self._flush(conn)
-        self._apply(self.engine.update_stored(site_id, msg.round, self.clock()))
-
-    def _fold_for(self, rnd: int, strategy: StrategyConfig, layout: Any) -> RoundFold | None:
-        """The open round's fold (``coordinator.aggregation.RoundFold``), made once every site
-        expected in it (selected, not declined) has offered its update, whose sample counts
-        fix the weights; made anew when the expected sites change. ``None`` until then, and
-        for the strategies that take no weighted mean."""
-        run, state = self.run, self.engine.open if self.engine is not None else None
-        key, offered = self._offered
-        if run is None or state is None or state.round != rnd or key != (run.run_id, rnd):
-            return None
-        expected = state.selected - state.declined
-        if not expected or not expected <= offered.keys():
-            return None
-        raw = fold_weights(strategy, {s: offered[s] for s in expected})
-        if raw is None:
-            return None
-        fold, fold_key = self._fold, (run.run_id, rnd, run.model_digest)
-        if fold is None or fold.key != fold_key or fold.raw != raw:
-            fold = self._fold = RoundFold(layout, raw, key=fold_key)
-            # Updates stored before the last offer came are folded from disk meanwhile.
-            stored = [u for u in self.fed.store.updates(run.run_id, rnd) if u.site_id in raw]
-            if stored:
-                codec = self.plan.codec if self.plan is not None else None
-                self._fold_catchup = asyncio.ensure_future(
-                    asyncio.to_thread(fold_stored, fold, self.fed.blobs, stored, layout, codec)
-                )
-        return fold
-
-    def _refuse(self, conn: Connection, msg: Any, code: str, reason: str) -> None:
-        conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))
-
-    def _reject(self, conn: Connection, msg: UpdateOffer, code: str, reason: str) -> None:
-        """Refuse an update and record why; nothing of the update itself is stored."""
-        log.warning("update from %s rejected: %s (%s)", conn.site_id, reason, code)
-        self.fed.store.reject_update(
-            msg.run_id, msg.round, conn.site_id or "", code, reason, self.clock()
-        )
-        conn.session.send(ErrorMessage(code=code, message=reason, ref=msg.TYPE))
-
 
 def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
     """Decoded weights, read-only: one decode serves several steps of the round (update
@@ -1413,20 +1156,3 @@ def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
     for array in arrays.values():
         array.setflags(write=False)
     return arrays
-
-
-def _store_chunk(upload: Upload, data: bytes) -> None:
-    upload.sha256.update(data)
-    fh = upload.fh
-    fh.write(data)
-    fh.flush()
-    # The disk gets the update as it arrives, so the fsync before its acknowledgement waits
-    # for the last chunk or two rather than for the whole update.
-    start_writeback(fh.fileno(), fh.tell() - len(data), len(data))
-
-
-def _fsync_and_close(fh: Any) -> None:
-    try:
-        os.fsync(fh.fileno())
-    finally:
-        fh.close()
