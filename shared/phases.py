@@ -7,7 +7,9 @@ the coordinator records its own ``COORDINATOR_PHASES``. Phases in order along a 
     site         download       invitation checked -> the whole model is on disk, hash checked
                  verify         plan and model signatures, the stored model's SHA-256
                  train          the job in the warm worker: data from the tensor cache, the model
-                                loaded, local steps (the worker's verify and encode excluded)
+                                loaded, local steps (the worker's verify and encode excluded),
+                                after any wait for the worker to finish validating the last
+                                round's model (and, in an encrypted run, for the run's key)
                  encode_update  the update's safetensors bytes, its digest, signature, outbox
                  upload         update offered -> the coordinator says it is on disk
     coordinator  aggregate      the round's updates folded into the new global model

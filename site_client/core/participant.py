@@ -601,6 +601,7 @@ class Participant:
         self._training = asyncio.ensure_future(self._train(msg))
 
     async def _train(self, msg: RoundInvite) -> None:
+        started = self.clock()  # a wait for the worker's last validation counts as training
         self._start_validation()  # its upload was never acknowledged: validate before training
         if self._validating is not None and not self._validating.done():
             await asyncio.shield(self._validating)  # the worker does one job at a time
@@ -619,7 +620,6 @@ class Participant:
         )
         timer = self._clocks.get((msg.run_id, msg.round))
         base_digest = msg.model_offer.sha256
-        started = self.clock()
         try:
             outcome = await self.trainer.train(
                 name,
