@@ -121,7 +121,7 @@ def print_breakdown(paths: Sequence[RoundPath]) -> bool:
         ("sum of phases", [p.total for p in paths]),
         ("round (opened->committed)", [p.seconds for p in paths]),
         ("unaccounted", [p.seconds - p.total for p in paths]),
-        ("cpu, all processes", [p.cpu for p in paths]),
+        ("cpu, all but validation", [p.cpu for p in paths]),
     )
     for label, values in rows:
         print(
@@ -345,7 +345,8 @@ def main(argv: list[str]) -> int:
     )
     cores = os.cpu_count() or 1
     print(
-        f"processor time (all processes): {round_cpu:.3f} s per round, {floor_cpu:.3f} s per "
+        f"processor time (every process but the sites' validation jobs): {round_cpu:.3f} s per "
+        f"round, {floor_cpu:.3f} s per "
         f"floor trial, cpu ratio {round_cpu / floor_cpu:.2f}; on {cores} idle cores a round "
         f"cannot take less than {round_cpu / cores:.3f} s"
     )
