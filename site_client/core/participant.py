@@ -20,11 +20,10 @@ connected, disconnected, downloading, training, uploading, accepted, validating,
 declined, finished, release_received, release_rejected), called on the participant's event
 loop; ``on_status`` strings are for people and logs, not to be parsed.
 
-Releases (:mod:`.releases`): a ``ReleaseNotice`` lists the releases this site may have; each
-one not yet kept (nor refused before) is downloaded like a model (resumable), verified with the
-pinned coordinator key, kept under ``releases/X.Y/``, validated on the site's held-out data, and
-a signed ``ReleaseAcceptance`` with the metrics goes back; verdicts are sent again on every
-connection.
+Releases: a ``ReleaseNotice`` lists the releases this site may have; each one not yet kept
+(nor refused before) is downloaded like a model, verified, kept and validated on the site's
+held-out data, and a signed ``ReleaseAcceptance`` goes back (:mod:`.release_receiver`); verdicts
+are sent again on every connection.
 """
 
 from __future__ import annotations
@@ -96,6 +95,7 @@ from site_client.core.governance_link import (
     pending_disputes,
 )
 from site_client.core.he_participant import HEKeys
+from site_client.core.release_receiver import ReleaseReceiver
 from site_client.core.secagg_participant import SecAggRounds
 from site_client.core.trainer import Trainer
 
@@ -238,6 +238,7 @@ class Participant:
         self._finished: RunFinished | None = None
         self.secagg = SecAggRounds(self)  # securely aggregated rounds (secagg_participant)
         self.he = HEKeys(self)  # the CKKS key of homomorphically encrypted runs
+        self.releases = ReleaseReceiver(self)  # releases offered to this site
 
     def _phase(self, phase: str, run_id: str = "", rnd: int = 0, **detail: Any) -> None:
         if self._on_phase is not None:
@@ -369,7 +370,7 @@ class Participant:
                 target = entry.target
                 entry.fh.close()
                 if isinstance(target, site_releases.ReleaseDownload):
-                    self._release_arrived(target)
+                    self.releases.arrived(target)
                     return
                 self._verified.add(event.offer.sha256)
                 if isinstance(target, RunFinished):
@@ -421,7 +422,7 @@ class Participant:
         elif isinstance(msg, HeadUpdate):
             self._on_head(msg)
         elif isinstance(msg, ReleaseNotice):
-            self._on_release_notice(msg)
+            self.releases.on_notice(msg)
         elif isinstance(msg, RoundInvite):
             self._on_invite(msg)
         elif isinstance(msg, SecAggSetup | SecAggKeys | SecAggShares | SecAggUnmask):
@@ -946,72 +947,3 @@ class Participant:
                 self._session.close("site.done", "the run is finished")
                 await self._flush()
                 await self._ws.close()
-
-    # -- releases ------------------------------------------------------------------------
-
-    def _on_release_notice(self, msg: ReleaseNotice) -> None:
-        """Fetch each offered release this site does not hold yet (resuming a part)."""
-        session = self._session
-        assert session is not None
-        for version, run_id, offer in msg.offers():
-            if offer.transfer_id in self._downloads or not site_releases.wanted(
-                self.dir, self.governance, version, offer
-            ):
-                continue
-            root = site_releases.releases_dir(self.dir)
-            root.mkdir(parents=True, exist_ok=True)
-            part = root / f"{version}.{offer.sha256[:16]}.part"
-            release = site_releases.ReleaseDownload(version, run_id, offer, part)
-            try:
-                download = open_download(session, release, offer, part)
-            except TesseraError as exc:
-                self.on_status(f"cannot fetch release {version}: {exc}")
-                continue
-            self.on_status(f"receiving release {version} of run {run_id}")
-            self._downloads[offer.transfer_id] = download
-
-    def _release_arrived(self, download: site_releases.ReleaseDownload) -> None:
-        data = download.part.read_bytes()
-        download.part.unlink(missing_ok=True)
-        try:
-            verified = site_releases.install(self.dir, self.governance, download, data, time.time())
-        except TesseraError as exc:
-            self.on_status(f"ALERT: release {download.version} refused: {exc}")
-            self._phase("release_rejected", download.run_id, detail_code=exc.code, reason=str(exc))
-            return
-        self.on_status(f"release {download.version} verified and kept in {verified.root}")
-        self._phase("release_received", download.run_id, version=download.version)
-        self._spawn(self._accept_release(verified))
-
-    async def _accept_release(self, verified: Any) -> None:
-        """Run the plan's validation with the release's weights on this site's held-out
-        data and send the signed metrics (accepted: the release passed verification)."""
-        if self._validating is not None and not self._validating.done():
-            await asyncio.shield(self._validating)
-        if self._training is not None and not self._training.done():
-            await asyncio.shield(self._training)
-        from shared.releases import WEIGHTS
-
-        weights = verified.root / WEIGHTS
-        metrics: dict[str, Any] = {}
-        try:
-            metrics = await self.trainer.validate(
-                f"release-{verified.version}",
-                {
-                    "plan": verified.plan.to_dict(),
-                    "model_path": str(weights),
-                    "model_sha256": hashlib.sha256(verified.weights).hexdigest(),
-                    **self._data_job(),
-                    "cache_dir": str(self.dir.tensors),
-                    "data_seed": 0,
-                    # FedBN: judged with the layers this site trained in that run
-                    "state_dir": str(local_state.run_folder(self.dir.root, verified.run_id)),
-                    "round": verified.plan.rounds,
-                },
-            )
-        except TesseraError as exc:
-            self.on_status(f"acceptance validation of release {verified.version} failed: {exc}")
-        message = site_releases.acceptance(self.governance, verified, metrics, time.time())
-        if self._session is not None and not self._session.closed:
-            self._session.send(message)
-            await self._flush()
