@@ -127,14 +127,17 @@ def load_from_index(
         ) from exc
     index = _INDEXES.get(index_db, secret) if keep_open else SiteIndex(index_db, secret)
     try:
-        ds = build_dataset(
-            index,
-            cache_dir,
-            input_size=plan.input_size,
-            label_column=plan.label_column,
-            seed=seed,
-            preprocessing=dict(plan.preprocessing),
-        )
+        if keep_open:
+            ds = _INDEXES.dataset(cache_dir, plan, seed)
+        else:
+            ds = build_dataset(
+                index,
+                cache_dir,
+                input_size=plan.input_size,
+                label_column=plan.label_column,
+                seed=seed,
+                preprocessing=dict(plan.preprocessing),
+            )
     except BaseException:
         if keep_open:
             _INDEXES.close()
@@ -153,13 +156,48 @@ def load_from_index(
 class _Indexes:
     """The site's study index, kept open by a warm worker between jobs. Opening it checks its
     schema in a write transaction and closing it checkpoints its journal, both with disk
-    syncs, for every training and validation job of every round; the images are still read
-    from it afresh by each job, so an import or a relabelling between rounds is seen as
-    before. Reopened when the file or the key changes."""
+    syncs, for every training and validation job of every round. Reopened when the file or
+    the key changes.
+
+    The dataset built from it is kept too, for the next jobs of the same plan (a round's
+    training and the validation after it, the next round's...), as long as the index is
+    unchanged: SQLite's ``data_version`` moves whenever another connection commits, so an
+    import or a relabelling between rounds is seen as before."""
 
     def __init__(self) -> None:
         self._key: tuple[Any, ...] | None = None
         self._index: Any = None
+        self._dataset: tuple[tuple[Any, ...], Any] | None = None
+
+    def dataset(self, cache_dir: Path, plan: Any, seed: int) -> Any:
+        """The open index's ``CachedDataset`` for ``plan`` and ``seed``: built afresh, or the
+        last one while neither the index nor what it was built for has changed."""
+        from site_client.core.intake.dataset import build_dataset
+
+        index = self._index
+        assert index is not None
+        (version,) = index.db.execute("PRAGMA data_version").fetchone()
+        preprocessing = dict(plan.preprocessing)
+        key = (
+            version,
+            str(cache_dir),
+            plan.input_size,
+            plan.label_column,
+            seed,
+            json.dumps(preprocessing, sort_keys=True),
+        )
+        if self._dataset is None or self._dataset[0] != key:
+            self._dataset = None
+            ds = build_dataset(
+                index,
+                cache_dir,
+                input_size=plan.input_size,
+                label_column=plan.label_column,
+                seed=seed,
+                preprocessing=preprocessing,
+            )
+            self._dataset = (key, ds)
+        return self._dataset[1]
 
     def get(self, index_db: Path, secret: bytes) -> Any:
         from site_client.core.intake.index import SiteIndex
@@ -173,7 +211,7 @@ class _Indexes:
         return self._index
 
     def close(self) -> None:
-        index, self._index, self._key = self._index, None, None
+        index, self._index, self._key, self._dataset = self._index, None, None, None
         if index is not None:
             index.close()
 
@@ -243,6 +281,20 @@ def _read_model(path: Path, sha256: str | None) -> memoryview | bytes:
     return data
 
 
+_HASHER: Any = None
+
+
+def _hasher() -> Any:
+    """The thread that hashes updates as they are written, started once per worker: a new
+    thread for every job costs milliseconds to start on a busy machine."""
+    global _HASHER
+    if _HASHER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="update-hash")
+    return _HASHER
+
+
 def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
     """Write ``arrays`` as safetensors to ``out`` (atomically) and return the file's SHA-256
     and size. The bytes are those of ``shared.tensors.encode_tensors`` (names sorted, the
@@ -252,17 +304,16 @@ def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
     from shared.tensors import encode_parts, encode_tensors
 
     parts = encode_parts(arrays) or [encode_tensors(arrays)]
-    from concurrent.futures import ThreadPoolExecutor
-
     digest = hashlib.sha256()
     tmp = out.with_suffix(".tmp")
     # Hashed in a second thread while written: both release the GIL, so on two cores the
     # update costs the longer of the two rather than their sum.
-    with ThreadPoolExecutor(1) as pool:
-        hashing = pool.submit(lambda: [digest.update(part) for part in parts])
+    hashing = _hasher().submit(lambda: [digest.update(part) for part in parts])
+    try:
         with open(tmp, "wb") as fh:
             for part in parts:
                 fh.write(part)
+    finally:
         hashing.result()
     os.replace(tmp, out)
     return digest.hexdigest(), sum(len(part) for part in parts)

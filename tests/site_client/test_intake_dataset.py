@@ -225,3 +225,46 @@ def test_the_train_worker_reads_the_index_with_the_sites_key(site, tmp_path):
     assert info.value.code == "data.key"
     with pytest.raises(DataError, match="no imported images yet"):
         load_from_index(tmp_path / "none.db", key, tmp_path / "cache", plan, seed=0)
+
+
+def test_a_warm_worker_keeps_its_dataset_until_the_index_changes(site, tmp_path):
+    """The warm worker builds the dataset once for a round's training and validation and the
+    rounds after; a relabelling committed by the site (another connection) is seen at once."""
+    from shared.plan import demo_plan
+    from site_client.core.train_worker import _INDEXES, load_from_index
+
+    index, _, src = site
+    key = tmp_path / "pseudonym.key"
+    key.write_bytes(SECRET)
+    plan = demo_plan(input_size=32)
+    try:
+        images, labels = load_from_index(
+            index.path, key, tmp_path / "cache", plan, 0, keep_open=True
+        )
+        again, same = load_from_index(index.path, key, tmp_path / "cache", plan, 0, keep_open=True)
+        assert again is images and np.array_equal(same, labels)
+        held, _ = load_from_index(
+            index.path, key, tmp_path / "cache", plan, 0, holdout=True, keep_open=True
+        )
+        other_seed, _ = load_from_index(
+            index.path, key, tmp_path / "cache", plan, 1, keep_open=True
+        )
+        assert held is not images and other_seed is not images
+
+        lines = src.labels_csv.read_text().splitlines()
+        flipped = [lines[0]] + [
+            ",".join([*row.split(",")[:-1], "1" if row.split(",")[-1] == "0" else "0"])
+            for row in lines[1:]
+        ]
+        relabelled = tmp_path / "relabelled.csv"
+        relabelled.write_text("\n".join(flipped) + "\n")
+        attach_labels(index, relabelled)  # the site's own connection, not the worker's
+
+        after, new_labels = load_from_index(
+            index.path, key, tmp_path / "cache", plan, 0, keep_open=True
+        )
+        fresh, fresh_labels = load_from_index(index.path, key, tmp_path / "cache", plan, 0)
+        assert after is not images and not np.array_equal(new_labels, labels)
+        assert np.array_equal(after, fresh) and np.array_equal(new_labels, fresh_labels)
+    finally:
+        _INDEXES.close()
