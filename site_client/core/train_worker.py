@@ -109,7 +109,6 @@ def load_from_index(
     batch at a time by the training loop. ``keep_open``: a warm worker's, which keeps the
     index open for the next job (:class:`_Indexes`)."""
     from shared.errors import DataError
-    from site_client.core.intake.dataset import build_dataset
     from site_client.core.intake.index import SiteIndex
 
     if not index_db.is_file():
@@ -130,14 +129,7 @@ def load_from_index(
         if keep_open:
             ds = _INDEXES.dataset(cache_dir, plan, seed)
         else:
-            ds = build_dataset(
-                index,
-                cache_dir,
-                input_size=plan.input_size,
-                label_column=plan.label_column,
-                seed=seed,
-                preprocessing=dict(plan.preprocessing),
-            )
+            ds = _build(index, cache_dir, plan, seed)
     except BaseException:
         if keep_open:
             _INDEXES.close()
@@ -151,6 +143,20 @@ def load_from_index(
     for skip in ds.skipped[:20]:
         print(f"left out image {skip.image} of study {skip.study}: {skip.reason}", file=sys.stderr)
     return ds.train_images, ds.train_labels
+
+
+def _build(index: Any, cache_dir: Path, plan: Any, seed: int) -> Any:
+    """The ``CachedDataset`` of ``index`` for a plan's input, labels and preprocessing."""
+    from site_client.core.intake.dataset import build_dataset
+
+    return build_dataset(
+        index,
+        cache_dir,
+        input_size=plan.input_size,
+        label_column=plan.label_column,
+        seed=seed,
+        preprocessing=dict(plan.preprocessing),
+    )
 
 
 class _Indexes:
@@ -172,31 +178,20 @@ class _Indexes:
     def dataset(self, cache_dir: Path, plan: Any, seed: int) -> Any:
         """The open index's ``CachedDataset`` for ``plan`` and ``seed``: built afresh, or the
         last one while neither the index nor what it was built for has changed."""
-        from site_client.core.intake.dataset import build_dataset
-
         index = self._index
         assert index is not None
         (version,) = index.db.execute("PRAGMA data_version").fetchone()
-        preprocessing = dict(plan.preprocessing)
         key = (
             version,
             str(cache_dir),
             plan.input_size,
             plan.label_column,
             seed,
-            json.dumps(preprocessing, sort_keys=True),
+            json.dumps(dict(plan.preprocessing), sort_keys=True),
         )
         if self._dataset is None or self._dataset[0] != key:
             self._dataset = None
-            ds = build_dataset(
-                index,
-                cache_dir,
-                input_size=plan.input_size,
-                label_column=plan.label_column,
-                seed=seed,
-                preprocessing=preprocessing,
-            )
-            self._dataset = (key, ds)
+            self._dataset = (key, _build(index, cache_dir, plan, seed))
         return self._dataset[1]
 
     def get(self, index_db: Path, secret: bytes) -> Any:
