@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,16 +171,25 @@ def fold_stored(
     updates: Sequence[UpdateRecord],
     layout: TensorLayout,
     codec: Codec | None = None,
+    *,
+    checked: Collection[str] = (),
 ) -> int:
     """Fold updates stored before ``fold`` was made (their sites uploaded before the last
-    site offered) from their blob files, each read and checked against its digest as the
-    disk path does; returns how many were folded. A blob that cannot be read or decoded is
-    left out: :func:`aggregate_round` then reads it itself and says what is wrong."""
+    site offered) from their blob files; returns how many were folded. ``checked``: the
+    digests of updates this process hashed as they arrived and checked (``check_update``)
+    moments ago; those are folded from their file's mapping, as the check's own fold is,
+    instead of being read into memory and hashed again. Any other blob is read and checked
+    against its digest as the disk path does. A blob that cannot be read or decoded is left
+    out: :func:`aggregate_round` then reads it itself and says what is wrong."""
     folded = 0
     for update in updates:
         try:
-            arrays = decode_update(blobs.get(update.digest), layout, codec, copy=False)
-        except (StorageError, UpdateError):
+            if update.digest in checked:
+                data: bytes | memoryview = map_file(blobs.path(update.digest))
+            else:
+                data = blobs.get(update.digest)
+            arrays = decode_update(data, layout, codec, copy=False)
+        except (StorageError, UpdateError, OSError):
             continue
         folded += fold.add(update.site_id, update.digest, arrays)
         blobs.drop_cached(update.digest)  # kept cached for this read only

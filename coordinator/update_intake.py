@@ -67,6 +67,8 @@ class UpdateIntake:
         self.fold_catchup: asyncio.Future[int] | None = None
         # The sample counts offered in the open round, by site: they fix the fold's weights.
         self.offered: tuple[tuple[str, int], dict[str, int]] = (("", 0), {})
+        # Digests of the open round's updates hashed on arrival and checked by this process.
+        self.checked: tuple[tuple[str, int], set[str]] = (("", 0), set())
 
     def offer(self, conn: Connection, msg: UpdateOffer, now: float) -> None:
         run, plan, site_id = self.server.run, self.server.plan, conn.site_id
@@ -240,6 +242,10 @@ class UpdateIntake:
                     self.server.fed.blobs.adopt, upload.path, digest, drop_cache=fold is not None
                 )
             )
+            if fold is None and not self.server.he.on:  # folded later, from its mapped file
+                if self.checked[0] != (run.run_id, msg.round):
+                    self.checked = ((run.run_id, msg.round), set())
+                self.checked[1].add(digest)
             self.server.fed.store.add_update(
                 UpdateRecord(
                     run.run_id,
@@ -298,9 +304,18 @@ class UpdateIntake:
             stored = [u for u in self.server.fed.store.updates(run.run_id, rnd) if u.site_id in raw]
             if stored:
                 codec = self.server.plan.codec if self.server.plan is not None else None
+                checked = self.checked[1] if self.checked[0] == (run.run_id, rnd) else set()
                 self.fold_catchup = asyncio.ensure_future(
                     asyncio.to_thread(
-                        fold_stored, fold, self.server.fed.blobs, stored, layout, codec
+                        functools.partial(
+                            fold_stored,
+                            fold,
+                            self.server.fed.blobs,
+                            stored,
+                            layout,
+                            codec,
+                            checked=frozenset(checked),
+                        )
                     )
                 )
         return fold

@@ -89,6 +89,27 @@ def test_updates_stored_before_the_fold_was_made_are_folded_from_disk(round_) ->
     assert aggregate_round(blobs, model, updates, strategy, fold=fold).model == expected
 
 
+def test_updates_this_process_checked_are_folded_from_their_mapping_with_the_same_bytes(
+    round_,
+) -> None:
+    """An update hashed on arrival and checked moments ago is folded from its mapped file,
+    not read and hashed again; the aggregate is bit for bit the same. A blob the process did
+    not check is still checked against its digest (the damaged one is left out)."""
+    blobs, model, base, updates = round_
+    strategy = make_strategy("fedavg", {}, weighting="samples")
+    expected = aggregate_round(blobs, model, updates, strategy).model
+    counts = {u.site_id: u.num_samples for u in updates}
+    layout = upload_layout(strategy, layout_of(base))
+    fold = _fold(blobs, model, base, strategy, counts, updates[2:])
+    damaged = blobs.path(updates[1].digest)
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:-4] + b"\0\0\0\0")
+    checked = {updates[0].digest, "f" * 64}  # a digest with no blob is passed over
+    assert fold_stored(fold, blobs, updates[:2], layout, checked=checked) == 1
+    damaged.write_bytes(good)
+    assert aggregate_round(blobs, model, updates, strategy, fold=fold).model == expected
+
+
 def test_a_fold_made_for_other_sites_or_counts_is_not_used(round_) -> None:
     blobs, model, base, updates = round_
     strategy = make_strategy("fedavg", {}, weighting="samples")
