@@ -791,8 +791,9 @@ class Participant:
             self.governance.contributed(upload[0], time.time())
         record = self.dir.outbox / f"{msg.run_id}-r{msg.round}.json"
         record.unlink(missing_ok=True)
-        (self.dir.outbox / f"{msg.sha256}.safetensors").unlink(missing_ok=True)
         self._uploads.pop("u-" + msg.sha256, None)
+        # Not deleted: the next update is written over it (its pages are in the cache).
+        self.trainer.recycle_update(self.dir.outbox / f"{msg.sha256}.safetensors")
         self.rounds_done.append((msg.run_id, msg.round))
         self._start_validation()
         timer = self._clocks.pop((msg.run_id, msg.round), None)

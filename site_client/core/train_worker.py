@@ -290,28 +290,39 @@ def _hasher() -> Any:
     return _HASHER
 
 
-def write_update(out: Path, arrays: dict[str, np.ndarray]) -> tuple[str, int]:
+def write_update(
+    out: Path, arrays: dict[str, np.ndarray], spare: Path | None = None
+) -> tuple[str, int]:
     """Write ``arrays`` as safetensors to ``out`` (atomically) and return the file's SHA-256
     and size. The bytes are those of ``shared.tensors.encode_tensors`` (names sorted, the
     header padded with spaces to 8 bytes), written from the arrays themselves and hashed on the
     way (``shared.tensors.encode_parts``): no model-sized intermediate buffer. Arrays that
-    are not float32 go through ``encode_tensors``."""
+    are not float32 go through ``encode_tensors``. ``spare``: the last accepted update's file,
+    written over (``shared.files.open_recycled``)."""
     from shared.tensors import encode_parts, encode_tensors
 
     parts = encode_parts(arrays) or [encode_tensors(arrays)]
     digest = hashlib.sha256()
-    tmp = out.with_suffix(".tmp")
     # Hashed in a second thread while written: both release the GIL, so on two cores the
     # update costs the longer of the two rather than their sum.
     hashing = _hasher().submit(lambda: [digest.update(part) for part in parts])
     try:
-        with open(tmp, "wb") as fh:
-            for part in parts:
-                fh.write(part)
+        _write_parts(out, parts, spare)
     finally:
         hashing.result()
-    os.replace(tmp, out)
     return digest.hexdigest(), sum(len(part) for part in parts)
+
+
+def _write_parts(out: Path, parts: list[Any], spare: Path | None) -> None:
+    """``parts`` to ``out``, through a temporary file renamed when complete."""
+    from shared.files import open_recycled
+
+    tmp = out.with_suffix(".tmp")
+    with open_recycled(tmp, spare) as fh:
+        for part in parts:
+            fh.write(part)
+        fh.truncate()
+    os.replace(tmp, out)
 
 
 def run_job(
@@ -407,18 +418,19 @@ def run_job(
         else:
             update[name] = np.subtract(after, array, dtype=np.float32)
     dp = _privatise(update, plan, job.get("dp_seed"))
+    spare = Path(job["spare_path"]) if job.get("spare_path") else None
     if job.get("he_key"):  # what leaves is the local model (global + update), encrypted
         from shared.aggregation import layout_of
         from shared.privacy.he_rounds import encrypt_local_model
 
         secret = Path(job["he_key"]).read_bytes()
         payload = encrypt_local_model(secret, base, update, layout_of(update))
-        digest, size = write_payload(Path(job["update_path"]), payload)
+        digest, size = write_payload(Path(job["update_path"]), payload, spare)
     elif plan.compression == "none":
-        digest, size = write_update(Path(job["update_path"]), update)
+        digest, size = write_update(Path(job["update_path"]), update, spare)
     else:
         digest, size = write_payload(
-            Path(job["update_path"]), _compress(update, plan.codec, state_dir, rnd)
+            Path(job["update_path"]), _compress(update, plan.codec, state_dir, rnd), spare
         )
     encode_s = clock() - encode_started
     return {
@@ -455,11 +467,10 @@ def _global_arrays(raw: memoryview, model: Any, job: dict[str, Any]) -> dict[str
     return decode_tensors(raw, copy=False)
 
 
-def write_payload(out: Path, payload: bytes) -> tuple[str, int]:
-    """Write an encoded update to ``out`` atomically; its SHA-256 and size."""
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, out)
+def write_payload(out: Path, payload: bytes, spare: Path | None = None) -> tuple[str, int]:
+    """Write an encoded update to ``out`` atomically (over ``spare``, as ``write_update``);
+    its SHA-256 and size."""
+    _write_parts(out, [payload], spare)
     return hashlib.sha256(payload).hexdigest(), len(payload)
 
 

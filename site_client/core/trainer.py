@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import TrainingCancelled, TrainingError
+from shared.files import recycle
 
 log = logging.getLogger("tessera.site")
 
@@ -82,6 +83,16 @@ class Trainer:
         self._cancelled = False
 
     @property
+    def spare_path(self) -> Path:
+        """Where the site leaves an update file it no longer needs (``recycle_update``): the
+        worker writes the next update over it (``shared.files.open_recycled``)."""
+        return self.jobs_dir / "spare.update"
+
+    def recycle_update(self, path: Path) -> None:
+        """Keep the file of an update the coordinator accepted as the next one's spare."""
+        recycle(path, self.spare_path)
+
+    @property
     def busy(self) -> bool:
         return self._busy
 
@@ -106,7 +117,12 @@ class Trainer:
         request = {
             "type": "job",
             "name": name,
-            "job": {**job, "threads": self.threads, "update_path": str(update_path)},
+            "job": {
+                **job,
+                "threads": self.threads,
+                "update_path": str(update_path),
+                "spare_path": str(self.spare_path),
+            },
         }
         line = (json.dumps(request) + "\n").encode("utf-8")
         self._busy, self._cancelled, self.progress = True, False, None

@@ -23,7 +23,7 @@ from shared.models.state import model_arrays
 from shared.plan import TrainingPlan, demo_plan
 from shared.synthetic import generate_federation
 from shared.tensors import decode_tensors, encode_tensors, tensor_digest
-from site_client.core.trainer import Trainer
+from site_client.core.trainer import SILENCE_S, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,41 @@ async def test_jobs_reuse_one_warm_process_which_survives_failed_jobs(
     assert second.update_path.read_bytes() == data
     assert set(first.timings) == {"verify", "train", "encode", "cpu"}
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+async def test_the_next_update_is_written_over_the_file_of_the_last_accepted_one(
+    tmp_path: Path, federation
+) -> None:
+    """An accepted update's file is kept as the spare, and the next job writes its update in
+    it (the same file, its pages already cached): the bytes are exactly the update's, whether
+    the spare was longer or there was none."""
+    job = _job(tmp_path, federation)
+    trainer = Trainer(tmp_path / "jobs")
+    try:
+        first = await trainer.train("a", job)  # no spare yet
+        data = first.update_path.read_bytes()
+        kept = tmp_path / "outbox.safetensors"
+        first.update_path.replace(kept)  # as the site moves it to its outbox
+        trainer.recycle_update(kept)
+        assert not kept.exists() and trainer.spare_path.is_file()
+        inode = trainer.spare_path.stat().st_ino
+
+        second = await trainer.train("b", job)
+        assert not trainer.spare_path.exists()
+        assert second.update_path.stat().st_ino == inode  # written in the spare's file
+        assert second.update_path.read_bytes() == data
+        assert second.sha256 == tensor_digest(data) and second.size == len(data)
+
+        # A spare longer than the update (an earlier, bigger model): nothing of it is left.
+        second.update_path.replace(kept)
+        with kept.open("ab") as fh:
+            fh.write(b"left over" * 100_000)
+        trainer.recycle_update(kept)
+        third = await trainer.train("c", job)
+        assert third.update_path.read_bytes() == data
+        assert third.sha256 == tensor_digest(data)
+    finally:
+        await trainer.close()
 
 
 async def test_cancel_kills_the_worker_and_the_next_job_starts_a_fresh_one(
@@ -189,6 +224,7 @@ async def test_a_worker_that_falls_silent_is_stopped_and_the_next_job_runs(
         assert info.value.code == "training.silent" and not trainer.busy
         with pytest.raises(ProcessLookupError):
             os.kill(victim, 0)  # killed and reaped
+        trainer.silence_s = SILENCE_S  # a fresh worker on a busy machine may be slow to start
         outcome = await trainer.train("after", _job(tmp_path, federation))
         assert outcome.num_samples > 0 and trainer.pid not in (None, victim)
     finally:
