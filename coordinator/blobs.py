@@ -3,9 +3,10 @@
 A blob is written to a temporary file in the same directory, fsynced, renamed into place
 and the directory fsynced, so a crash leaves either the whole blob or none of it. A large blob
 (a model) is hashed in a second thread while it is written, so that storing a round's model
-takes the longer of the two rather than their sum. Once durable, large blobs leave the page
-cache (``shared.files.drop_cached``): every round stores tens of MB that are rarely read
-again, and a page cache growing by that much a round makes every write slower.
+takes the longer of the two rather than their sum, and written past the page cache where the
+system allows (``shared.files.write_direct``). Once durable, large blobs leave the page cache
+(``shared.files.drop_cached``): every round stores tens of MB that are rarely read again, and
+a page cache growing by that much a round makes every write slower.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from shared.errors import StorageError
-from shared.files import drop_cached, fsync_dir, start_writeback, write_durably
+from shared.files import drop_cached, fsync_dir, start_writeback, write_direct, write_durably
 
 PARALLEL_HASH_BYTES = 4 << 20  # below this, hashing first costs less than a thread
 WRITE_SLICE = 4 << 20  # written, then sent on to the disk, while the rest is written
@@ -69,14 +70,8 @@ class BlobStore:
         with ThreadPoolExecutor(1) as pool:
             hashing = pool.submit(lambda: hashlib.sha256(data).hexdigest())
             try:
-                with open(tmp, "wb") as fh:
-                    view = memoryview(data).cast("B")
-                    for lo in range(0, len(view), WRITE_SLICE):
-                        fh.write(view[lo : lo + WRITE_SLICE])
-                        fh.flush()
-                        start_writeback(fh.fileno(), lo, len(view[lo : lo + WRITE_SLICE]))
-                    os.fsync(fh.fileno())
-                    drop_cached(fh.fileno())  # the caller holds the bytes
+                if not write_direct(tmp, data):  # past the page cache: the caller holds them
+                    self._write_cached(tmp, data)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise StorageError(f"cannot store blob: {exc}", code="storage.write") from exc
@@ -86,6 +81,18 @@ class BlobStore:
         else:
             self.adopt(tmp, digest)
         return digest
+
+    @staticmethod
+    def _write_cached(tmp: Path, data: bytes | memoryview) -> None:
+        """``_put_large``'s write where direct writes are not available."""
+        with open(tmp, "wb") as fh:
+            view = memoryview(data).cast("B")
+            for lo in range(0, len(view), WRITE_SLICE):
+                fh.write(view[lo : lo + WRITE_SLICE])
+                fh.flush()
+                start_writeback(fh.fileno(), lo, len(view[lo : lo + WRITE_SLICE]))
+            os.fsync(fh.fileno())
+            drop_cached(fh.fileno())  # the caller holds the bytes
 
     def adopt(self, path: Path, digest: str, *, drop_cache: bool = True) -> None:
         """Move a fully written, fsynced file of known digest into the store. ``drop_cache``:

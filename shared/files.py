@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import mmap
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,6 +77,59 @@ def drop_cached(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+DIRECT_ALIGN = 4096  # offsets, lengths and the buffer's address, for any logical block size
+DIRECT_SLICE = 4 << 20
+_bounce = threading.local()
+
+
+def write_direct(path: Path, data: bytes | memoryview) -> bool:
+    """Write ``data`` to the new file ``path`` past the page cache (Linux ``O_DIRECT``) and
+    fsync it; ``False``, with nothing left behind, where the system or the file system takes
+    no direct writes: the caller then writes it the usual way. Why: a blob written once and
+    rarely read again (a round's model) otherwise goes through fresh page-cache pages, and on
+    a virtual machine memory the kernel takes for the first time costs several times what
+    reused memory costs, more in some rounds than in others (measured: the same 20 MB model
+    written in 8 or in 56 ms). Written directly, it costs a copy into one aligned buffer that
+    each thread keeps, and the disk's time. Raises ``OSError`` for a failed write."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flag, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a file system without direct I/O (tmpfs)
+            return False
+        raise
+    try:
+        _write_aligned(fd, memoryview(data).cast("B"))
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if exc.errno == errno.EINVAL:  # the device wants another alignment
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def _write_aligned(fd: int, view: memoryview) -> None:
+    buf = getattr(_bounce, "buf", None)
+    if buf is None:
+        buf = _bounce.buf = mmap.mmap(-1, DIRECT_SLICE)  # anonymous: page-aligned
+    for lo in range(0, len(view), DIRECT_SLICE):
+        piece = view[lo : lo + DIRECT_SLICE]
+        size = len(piece)
+        padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf[:size] = piece
+        buf[size:padded] = bytes(padded - size)
+        with memoryview(buf) as whole:
+            if os.write(fd, whole[:padded]) != padded:
+                raise OSError(errno.EIO, "a direct write was cut short")
+    if len(view) % DIRECT_ALIGN:
+        os.ftruncate(fd, len(view))  # the last slice's padding
 
 
 def open_recycled(path: Path, spare: Path | None) -> BinaryIO:

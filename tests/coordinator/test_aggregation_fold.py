@@ -5,6 +5,7 @@ fold that does not match the round's updates is not used."""
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,13 @@ def test_strategies_without_a_weighted_mean_do_not_fold() -> None:
     assert fold_weights(make_strategy("fedavg", {}, weighting="samples"), {"a": 3}) == {"a": 3.0}
 
 
-def test_a_large_blob_is_hashed_while_it_is_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_large_blob_is_hashed_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool
+) -> None:
+    """Written past the page cache, or (a system without direct I/O) through it."""
+    if not direct_io:
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
     blobs = BlobStore(tmp_path / "blobs")
     data = np.random.default_rng(0).bytes(PARALLEL_HASH_BYTES + 3)
     digest = blobs.put(data)

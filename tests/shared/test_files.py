@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from shared.files import open_recycled, recycle
+import pytest
+
+from shared.files import DIRECT_SLICE, open_recycled, recycle, write_direct
 
 
 def test_a_file_is_written_in_the_spare_and_truncated_by_the_caller(tmp_path: Path) -> None:
@@ -43,3 +46,29 @@ def test_recycle_keeps_the_file_as_the_spare_or_deletes_it(tmp_path: Path) -> No
     assert not used.exists()  # deleted, as before spares
     recycle(tmp_path / "gone", spare)  # nothing to keep: no error
     assert spare.read_bytes() == b"next"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 5000, DIRECT_SLICE, DIRECT_SLICE * 2 + 7])
+def test_a_direct_write_holds_exactly_the_bytes(tmp_path: Path, size: int) -> None:
+    """Whole slices, a padded last one cut back to size, an empty file."""
+    data = os.urandom(size)
+    path = tmp_path / "blob"
+    assert write_direct(path, data)
+    assert path.read_bytes() == data
+
+
+def test_a_direct_write_never_replaces_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(b"kept")
+    with pytest.raises(FileExistsError):
+        write_direct(path, b"other")
+    assert path.read_bytes() == b"kept"
+
+
+def test_without_direct_io_nothing_is_written_and_the_caller_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    path = tmp_path / "blob"
+    assert write_direct(path, b"data") is False
+    assert not path.exists()
