@@ -68,6 +68,9 @@ from shared.files import map_file
 from shared.tensors import decode_tensors, encode_tensors
 
 READ_CHUNK = 1 << 20
+# Every element of an update is within this bound (``update.range``), checked on receipt; the
+# round's fixed-point accumulators are scaled for it.
+MAX_ABS = 16.0
 
 
 def decode_update(
@@ -108,9 +111,9 @@ def check_update(
         layout = layout_of(decode_tensors(blobs.get(model_digest)))
     # Mapped, not read: the page cache's copy is checked and folded where it lies.
     update = decode_update(map_file(path), layout, codec, copy=False)
-    norm = validate_update(update, layout, max_abs=16.0, max_norm=max_norm)
+    norm = validate_update(update, layout, max_abs=MAX_ABS, max_norm=max_norm)
     if fold is not None:
-        fold[0].add(fold[1], fold[2], update)
+        fold[0].add(fold[1], fold[2], update, checked=True)
     return norm
 
 
@@ -129,19 +132,27 @@ class RoundFold:
         self.raw = dict(raw)
         self.key = key  # the caller's label, e.g. (run, round, model digest)
         self._total = sum(self.raw[s] for s in sorted(self.raw))
-        self._acc = FedAvgAccumulator(layout, max_abs=16.0, max_total_weight=1.0 + 1e-9)
+        self._acc = FedAvgAccumulator(layout, max_abs=MAX_ABS, max_total_weight=1.0 + 1e-9)
         self._folded: dict[str, str] = {}  # site -> digest of the update folded in
         self._sealed = False
         self._lock = threading.Lock()
 
-    def add(self, site_id: str, digest: str, update: Mapping[str, np.ndarray]) -> bool:
-        """Fold ``update`` (already validated) in; ``False`` if it does not belong (a site
-        not expected, one already folded, a sealed fold) or the accumulator refuses it."""
+    def add(
+        self, site_id: str, digest: str, update: Mapping[str, np.ndarray], *, checked: bool = False
+    ) -> bool:
+        """Fold ``update`` in; ``False`` if it does not belong (a site not expected, one
+        already folded, a sealed fold) or the accumulator refuses it. ``checked``: these very
+        arrays have just passed the receipt check (``validate_update`` within ``MAX_ABS``), so
+        the accumulator does not scan their values again."""
         with self._lock:
             if self._sealed or site_id in self._folded or site_id not in self.raw:
                 return False
             try:
-                self._acc.add(update, self.raw[site_id] / self._total)
+                self._acc.add(
+                    update,
+                    self.raw[site_id] / self._total,
+                    checked_abs=MAX_ABS if checked else None,
+                )
             except UpdateError:  # nothing was added: the disk path will say what is wrong
                 return False
             self._folded[site_id] = digest
@@ -178,9 +189,10 @@ def fold_stored(
     site offered) from their blob files; returns how many were folded. ``checked``: the
     digests of updates this process hashed as they arrived and checked (``check_update``)
     moments ago; those are folded from their file's mapping, as the check's own fold is,
-    instead of being read into memory and hashed again. Any other blob is read and checked
-    against its digest as the disk path does. A blob that cannot be read or decoded is left
-    out: :func:`aggregate_round` then reads it itself and says what is wrong."""
+    instead of being read into memory and hashed again, and their values are not scanned
+    again. Any other blob is read and checked against its digest as the disk path does. A
+    blob that cannot be read or decoded is left out: :func:`aggregate_round` then reads it
+    itself and says what is wrong."""
     folded = 0
     for update in updates:
         try:
@@ -191,7 +203,7 @@ def fold_stored(
             arrays = decode_update(data, layout, codec, copy=False)
         except (StorageError, UpdateError, OSError):
             continue
-        folded += fold.add(update.site_id, update.digest, arrays)
+        folded += fold.add(update.site_id, update.digest, arrays, checked=update.digest in checked)
         blobs.drop_cached(update.digest)  # kept cached for this read only
     return folded
 
@@ -292,7 +304,7 @@ def _streamed_mean(
     if claimed is not None:
         acc, done = claimed
     else:
-        acc, done = FedAvgAccumulator(layout, max_abs=16.0, max_total_weight=1.0 + 1e-9), set()
+        acc, done = FedAvgAccumulator(layout, max_abs=MAX_ABS, max_total_weight=1.0 + 1e-9), set()
     for update, weight in zip(updates, raw, strict=True):
         if update.site_id in done:
             continue

@@ -91,6 +91,7 @@ from shared.aggregation.validation import (
     check_keys,
     check_norm,
     check_range,
+    check_structure,
     check_tensor_meta,
     check_update,
 )
@@ -184,19 +185,32 @@ class FedAvgAccumulator:
             return math.inf
         return self.count / math.fsum(self._effective) + 2.0**-22 * self.max_abs
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> float | None:
+    def add(
+        self,
+        update: Mapping[str, np.ndarray],
+        weight: float,
+        *,
+        checked_abs: float | None = None,
+    ) -> float | None:
         """Validate ``update`` and fold it in with ``weight``.
 
         Returns the update's L2 norm if this accumulator has a ``max_norm`` (it is computed to
         enforce the bound), else ``None``: the norm costs a dot product per block, and the
         coordinator's receipt check (:func:`~shared.aggregation.validate_update`) has already
         reported it. Nothing of an invalid update is added: validation runs over the whole
-        update first.
+        update first. ``checked_abs``: the bound the caller has just checked every element of
+        these very arrays against (the receipt check); when it is within ``max_abs`` and no
+        norm bound applies, the values are not scanned a second time, only the names, shapes
+        and dtypes (the fixed-point sum is exactly as safe: its scale rests on ``max_abs``).
         """
         e = self._effective_weight(weight)
-        norm = check_update(
-            update, self._layout, max_abs=self.max_abs, max_norm=self.max_norm, want_norm=False
-        )
+        if checked_abs is not None and checked_abs <= self.max_abs and self.max_norm is None:
+            check_structure(update, self._layout)
+            norm = None
+        else:
+            norm = check_update(
+                update, self._layout, max_abs=self.max_abs, max_norm=self.max_norm, want_norm=False
+            )
         for name, (start, _size) in self._slots.items():
             self._fold(np.ascontiguousarray(update[name]).reshape(-1), start, e, +1)
         self._weights.append(float(weight))

@@ -174,6 +174,22 @@ def validate_update(
     return norm
 
 
+def check_structure(update: Mapping[str, np.ndarray], layout: TensorLayout) -> None:
+    """The cheap part of :func:`check_update`: the names, and each tensor's type, shape and
+    dtype, not its values."""
+    check_keys(update.keys(), layout)
+    for name in layout:
+        a = update[name]
+        if not isinstance(a, np.ndarray):
+            raise UpdateError(
+                f"Tensor {name!r} is a {type(a).__name__}, not a numpy array. "
+                "Decode the update with shared's safetensors codec.",
+                code="update.dtype",
+                tensor=name,
+            )
+        check_tensor_meta(name, a.shape, str(a.dtype), layout)
+
+
 def check_update(
     update: Mapping[str, np.ndarray],
     layout: TensorLayout,
@@ -187,17 +203,7 @@ def check_update(
     Returns the norm when it was computed, else ``None`` (then one pass of two reductions per
     block instead of three).
     """
-    check_keys(update.keys(), layout)
-    for name in layout:
-        a = update[name]
-        if not isinstance(a, np.ndarray):
-            raise UpdateError(
-                f"Tensor {name!r} is a {type(a).__name__}, not a numpy array. "
-                "Decode the update with shared's safetensors codec.",
-                code="update.dtype",
-                tensor=name,
-            )
-        check_tensor_meta(name, a.shape, str(a.dtype), layout)
+    check_structure(update, layout)
     want_norm = want_norm or max_norm is not None
     total = 0.0
     for name in layout:

@@ -202,6 +202,35 @@ def test_add_rejects_invalid_update_without_touching_the_sum():
     assert np.array_equal(acc._acc, before) and acc.count == 1
 
 
+def test_an_update_checked_by_the_caller_is_folded_without_a_second_scan():
+    """``checked_abs`` within ``max_abs`` (the coordinator's receipt check): the same sum,
+    names, shapes and dtypes still checked; a looser bound, or a norm bound, scans again."""
+    updates = [make_update(s) for s in range(3)]
+    plain = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=3.0)
+    trusted = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=3.0)
+    for u in updates:
+        plain.add(u, 1.0)
+        trusted.add(u, 1.0, checked_abs=1.0)
+    assert np.array_equal(trusted._acc, plain._acc)
+    assert all(np.array_equal(trusted.result()[n], plain.result()[n]) for n in LAYOUT)
+
+    acc = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=3.0)
+    misshapen = {**make_update(4), "fc.bias": np.zeros(9, np.float32)}
+    with pytest.raises(UpdateError) as e:
+        acc.add(misshapen, 1.0, checked_abs=1.0)
+    assert e.value.code == "update.shape"
+    loose = make_update(5)
+    loose["fc.bias"][0] = 1.5
+    with pytest.raises(UpdateError) as e:
+        acc.add(loose, 1.0, checked_abs=2.0)  # checked against more than this sum allows
+    assert e.value.code == "update.range"
+    bounded = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=3.0, max_norm=0.01)
+    with pytest.raises(UpdateError) as e:
+        bounded.add(make_update(6), 1.0, checked_abs=1.0)  # the norm is still computed
+    assert e.value.code == "update.norm"
+    assert acc.count == 0 and bounded.count == 0
+
+
 def test_weight_errors():
     acc = FedAvgAccumulator(LAYOUT, max_abs=1.0, max_total_weight=2.0)
     for w, pattern in (
