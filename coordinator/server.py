@@ -166,7 +166,7 @@ class RoundModel:
     """The global model of the open round: encoded, hashed, signed and framed once per round."""
 
     round: int
-    data: bytes
+    data: bytes | memoryview  # read-only
     offer: TransferOffer
     signature: str
     frames: ChunkFrames = field(init=False)
@@ -215,7 +215,8 @@ class CoordinatorServer:
         self._release_packs: dict[str, tuple[str, str, RoundModel]] = {}
         self.timings: list[RoundTimings] = []  # this process's rounds, also in timings.jsonl
         self._timer: PhaseClock | None = None
-        self._fresh: tuple[str, bytes] | None = None  # the model aggregation just stored
+        # The model aggregation just stored (read-only bytes or view).
+        self._fresh: tuple[str, bytes | memoryview] | None = None
         # The round's model decoded (digest, task): for update checks and the aggregate.
         self._decoded: tuple[str, asyncio.Task[dict[str, np.ndarray]]] | None = None
         # The open round's fold (aggregation.RoundFold), and the sample counts offered for
@@ -1148,10 +1149,11 @@ class CoordinatorServer:
         await conn.ws.close()
 
 
-def _decode_frozen(data: bytes) -> dict[str, np.ndarray]:
+def _decode_frozen(data: bytes | memoryview) -> dict[str, np.ndarray]:
     """Decoded weights, read-only: one decode serves several steps of the round (update
     checks, the aggregate, a retried aggregate), so none of them may change it. Views of
-    ``data`` (immutable ``bytes``, kept alive by them), not a copy."""
+    ``data`` (immutable ``bytes``, or a read-only view of a buffer nothing else writes: the
+    aggregation's), kept alive by them, not a copy."""
     arrays = decode_tensors(data, copy=False)
     for array in arrays.values():
         array.setflags(write=False)

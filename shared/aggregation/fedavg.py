@@ -226,6 +226,32 @@ class FedAvgAccumulator:
 
     def result(self) -> dict[str, np.ndarray]:
         """The weighted mean of the committed updates, float32, one array per tensor."""
+        total = self._result_total()
+        out: dict[str, np.ndarray] = {}
+        for name, (start, size) in self._slots.items():
+            arr = np.empty(size, dtype=np.float32)
+            self._mean_into(start, size, total, arr)
+            out[name] = arr.reshape(self._layout[name][0])
+        return out
+
+    def result_into(self, name: str, out: np.ndarray) -> None:
+        """Tensor ``name`` of :meth:`result` (the same values), written into ``out``: flat,
+        float32, of the tensor's size. For a caller that places it in a buffer of its own
+        (the coordinator's encoded model) rather than in a fresh array."""
+        start, size = self._slots[name]
+        if out.dtype != np.float32 or out.shape != (size,):
+            raise ValueError(f"{name!r} needs a flat float32 array of {size} elements")
+        self._mean_into(start, size, self._result_total(), out)
+
+    def _mean_into(self, start: int, size: int, total: float, out: np.ndarray) -> None:
+        for i in range(0, size, BLOCK):
+            m = min(BLOCK, size - i)
+            t = self._tmp64[:m]
+            np.divide(self._acc[start + i : start + i + m], total, out=t)
+            out[i : i + m] = t
+
+    def _result_total(self) -> float:
+        """The sum of the effective weights, once :meth:`result` may be read."""
         if self._pending:
             raise UpdateError(
                 f"{len(self._pending)} update stream(s) are still open; finish or abort them "
@@ -238,17 +264,7 @@ class FedAvgAccumulator:
                 "one valid update (the round's quorum) before aggregating.",
                 code="update.empty",
             )
-        total = math.fsum(self._effective)
-        out: dict[str, np.ndarray] = {}
-        for name, (start, size) in self._slots.items():
-            arr = np.empty(size, dtype=np.float32)
-            for i in range(0, size, BLOCK):
-                m = min(BLOCK, size - i)
-                t = self._tmp64[:m]
-                np.divide(self._acc[start + i : start + i + m], total, out=t)
-                arr[i : i + m] = t
-            out[name] = arr.reshape(self._layout[name][0])
-        return out
+        return math.fsum(self._effective)
 
     # --- internals ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import pytest
 
 from coordinator.aggregation import (
     RoundFold,
+    _encoded_sum,
     aggregate_round,
     check_update,
     fold_stored,
@@ -20,7 +21,7 @@ from coordinator.aggregation import (
 )
 from coordinator.blobs import PARALLEL_HASH_BYTES, BlobStore
 from coordinator.store import UpdateRecord
-from shared.aggregation import layout_of, make_strategy, upload_layout
+from shared.aggregation import FedAvgAccumulator, layout_of, make_strategy, upload_layout
 from shared.tensors import encode_tensors
 
 SAMPLES = (3, 10, 17)
@@ -156,3 +157,30 @@ def test_a_large_blob_is_hashed_while_it_is_written(
     assert blobs.get(digest) == data  # checks the digest
     assert blobs.put(data) == digest  # stored once
     assert list(blobs.partial.iterdir()) == []
+
+
+def test_the_new_model_computed_in_its_encoded_buffer_is_the_general_encoding() -> None:
+    """FedAvg's new weights go straight into the encoded model's buffer: the same bytes as
+    adding the mean to the base and encoding, with entries no update carries (FedBN's local
+    ones) kept; a model that is not all float32 takes the general path."""
+    rng = np.random.default_rng(9)
+    base = {
+        "fc.weight": rng.standard_normal((7, 5)).astype(np.float32),
+        "fc.bias": rng.standard_normal(7).astype(np.float32),
+        "bn.running_mean": rng.standard_normal(5).astype(np.float32),  # kept, not averaged
+    }
+    layout = layout_of({k: v for k, v in base.items() if k.startswith("fc.")})
+    acc = FedAvgAccumulator(layout, max_abs=16.0, max_total_weight=1.0 + 1e-9)
+    for w in (0.25, 0.75):
+        acc.add(
+            {k: (0.1 * rng.standard_normal(v[0])).astype(np.float32) for k, v in layout.items()}, w
+        )
+    mean = acc.result()
+    general = encode_tensors({k: base[k] + mean[k] if k in mean else base[k] for k in base})
+    made = _encoded_sum(base, acc)
+    assert isinstance(made, memoryview) and made.readonly
+    assert bytes(made) == general
+
+    wide = {**base, "fc.bias": base["fc.bias"].astype(np.float64)}  # encode_parts declines
+    expected = encode_tensors({k: wide[k] + mean[k] if k in mean else wide[k] for k in wide})
+    assert bytes(_encoded_sum(wide, acc)) == expected
